@@ -1,0 +1,248 @@
+"""Every setting of a run as pydantic models; YAML presets; ``--set`` overrides.
+
+Defaults are the paper's (Ada-QPacknet, Section 4.1; DESIGN.md §2). Unknown keys are
+rejected everywhere (like nanoGPT's overrides), wrong types and impossible values raise
+:class:`~qpacknet.errors.ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qpacknet.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ScenarioConfig(_Strict):
+    """Which task stream to learn."""
+
+    name: Literal["pmnist", "digits"] = "pmnist"
+    num_tasks: int = Field(10, ge=1, le=1000)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of train held out")
+    train_limit: int | None = Field(
+        None, ge=10, description="use at most this many training rows per task (quick runs)"
+    )
+
+
+class NetConfig(_Strict):
+    """Backbone; per-task heads are always float32 linear layers."""
+
+    backbone: Literal["mlp"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [100, 100])
+
+    @model_validator(mode="after")
+    def _check(self) -> NetConfig:
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ValueError("hidden must be a non-empty list of positive layer widths")
+        return self
+
+
+class SearchConfig(_Strict):
+    """SEARCH stage (Algorithm 1): P_S random sparse candidates, E_short epochs, α/β score."""
+
+    population: int = Field(16, ge=1, description="P_S")
+    v_min: float = Field(0.45, ge=0.0, lt=1.0, description="lowest per-layer sparsity")
+    v_max: float = Field(0.85, ge=0.0, lt=1.0, description="highest per-layer sparsity")
+    alpha: float = Field(0.9, ge=0.0, description="weight of accuracy in the score (eq. 8)")
+    beta: float = Field(0.1, ge=0.0, description="weight of sparsity in the score (eq. 8)")
+    epochs: int = Field(5, ge=1, description="E_short")
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        if self.v_min > self.v_max:
+            raise ValueError(f"v_min ({self.v_min}) must not exceed v_max ({self.v_max})")
+        if self.alpha == 0 and self.beta == 0:
+            raise ValueError("alpha and beta cannot both be 0")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Optimiser and schedule shared by SEARCH and TRAIN (the paper gives only the lr range)."""
+
+    epochs: int = Field(50, ge=1, description="E_full")
+    lr: float = Field(0.01, gt=0.0)
+    lr_min: float = Field(0.0001, ge=0.0, description="floor of the cosine decay in TRAIN")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(8192, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.lr_min > self.lr:
+            raise ValueError(f"lr_min ({self.lr_min}) must not exceed lr ({self.lr})")
+        return self
+
+
+class QuantizeConfig(_Strict):
+    """QUANTIZE stage (Algorithms 2-3) and the word layout."""
+
+    psi_min: int = Field(1, ge=1, le=32, description="first bit-width tried")
+    b_max: int = Field(8, ge=1, le=32, description="widest component; availability rule")
+    delta: float = Field(1.0, ge=0.0, description="allowed validation-accuracy drop, points")
+    kmeans_iters: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantizeConfig:
+        if self.psi_min > self.b_max:
+            raise ValueError(f"psi_min ({self.psi_min}) must not exceed b_max ({self.b_max})")
+        return self
+
+
+class ExecutorConfig(_Strict):
+    """Where candidates are trained. ``candidates_per_worker`` chunks the population."""
+
+    kind: Literal["local"] = "local"
+    candidates_per_worker: int | None = Field(
+        None, ge=1, description="candidates trained as one population; None = all"
+    )
+
+
+class RunConfig(_Strict):
+    """A whole scenario run."""
+
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch threads; None = torch default")
+    scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
+    net: NetConfig = Field(default_factory=NetConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+
+
+PRESETS_PACKAGE = "qpacknet.presets"
+
+
+def preset_names() -> list[str]:
+    """Presets shipped inside the package (``qpacknet/presets/*.yaml``)."""
+    root = resources.files(PRESETS_PACKAGE)
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+    text = resources.files(PRESETS_PACKAGE).joinpath(f"{name}.yaml").read_text()
+    return _read_yaml(text, f"preset {name!r}")
+
+
+def file_dict(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    return _read_yaml(p.read_text(), f"config file {str(p)!r}")
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b=value`` override in place; the value is parsed as YAML.
+
+    Keys must name existing settings (checked against :class:`RunConfig`), so a typo
+    fails here with the key in the message instead of being silently ignored.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key.path=value")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    model: type[BaseModel] | None = RunConfig
+    for i, part in enumerate(parts):
+        fields = model.model_fields if model is not None else {}
+        if part not in fields:
+            prefix = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(
+                f"unknown setting {key!r}: {prefix} has no key {part!r} "
+                f"(known: {', '.join(sorted(fields))})"
+            )
+        ann = fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None and i < len(parts) - 1:
+            raise ConfigError(f"unknown setting {key!r}: {'.'.join(parts[: i + 1])} is a value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"value of {key!r} is not valid YAML: {exc}") from exc
+    node = data
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def validate(data: dict[str, Any]) -> RunConfig:
+    """Validate a settings mapping; errors name each offending dotted key."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown setting (remove it or check its spelling)"
+            lines.append(f"  {key}: {msg} (got {err.get('input')!r})")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    seed: int | None = None,
+) -> RunConfig:
+    """Build a :class:`RunConfig` from a preset or a file, then overrides, then ``seed``."""
+    if preset is not None and config_file is not None:
+        raise ConfigError("give either a preset or a config file, not both")
+    if preset is not None:
+        data = preset_dict(preset)
+    elif config_file is not None:
+        data = file_dict(config_file)
+    else:
+        data = {}
+    data = copy.deepcopy(data)
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    if seed is not None:
+        data["seed"] = seed
+    return validate(data)
+
+
+def flatten(cfg: RunConfig) -> dict[str, Any]:
+    """Dotted-key view of a config (for logs and, later, MLflow params)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node
+
+    walk("", cfg.model_dump())
+    return out

@@ -1,0 +1,32 @@
+"""Errors that reach the user: each names the problem and the fix.
+
+The CLI maps :class:`UsageError` (and subclasses) to exit code 2.
+"""
+
+
+class QpacknetError(Exception):
+    """Base class of qpacknet's own errors."""
+
+
+class UsageError(QpacknetError):
+    """Bad input from the user (config, paths, data): exit code 2."""
+
+
+class ConfigError(UsageError):
+    """An invalid setting; the message names the key."""
+
+
+class DataError(UsageError):
+    """Missing or malformed data; the message says what to put where."""
+
+
+class ModelFileError(UsageError):
+    """A packed model file that is damaged, truncated or of another format."""
+
+
+class IllegalTransition(QpacknetError):
+    """A task stage was entered out of order (SEARCH → TRAIN → QUANTIZE → COMMIT)."""
+
+
+class StoreError(QpacknetError):
+    """A commit that would break the packed store's invariants (e.g. a word over 32 bits)."""

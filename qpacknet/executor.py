@@ -1,0 +1,100 @@
+"""The executor interface the pipeline drives, and its in-process implementation.
+
+The pipeline only calls ``begin_task → search → train → quantize → end_task``; where the
+candidates train is the executor's business. The Ray executor (cluster module) implements the
+same interface with one :class:`~qpacknet.worker.CandidateWorker` per actor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from qpacknet.scenarios.base import TaskData
+from qpacknet.search import CandidateResult
+from qpacknet.train import EpochReport
+from qpacknet.worker import CandidateWorker, QuantizedTask, TaskContext, TrainOutcome
+
+ChunkEpochCallback = Callable[[list[int], EpochReport], None]
+
+
+def chunks(population: int, per_worker: int | None) -> list[list[int]]:
+    """Candidate indices split into consecutive chunks of ``per_worker`` (None: one chunk)."""
+    size = population if per_worker is None else per_worker
+    return [list(range(i, min(i + size, population))) for i in range(0, population, size)]
+
+
+class Executor(ABC):
+    """Runs one task's stages. Calls come in order; each method's output is checked by the
+    pipeline before the next stage starts."""
+
+    @abstractmethod
+    def begin_task(self, ctx: TaskContext, data: TaskData) -> None: ...
+
+    @abstractmethod
+    def search(self, on_epoch: ChunkEpochCallback | None = None) -> list[CandidateResult]: ...
+
+    @abstractmethod
+    def train(self, winner: int, on_epoch: ChunkEpochCallback | None = None) -> TrainOutcome: ...
+
+    @abstractmethod
+    def quantize(self) -> QuantizedTask: ...
+
+    @abstractmethod
+    def end_task(self) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (actors, processes); the local executor has none."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+class LocalExecutor(Executor):
+    """In-process: the chunks run one after another in this process."""
+
+    def __init__(self) -> None:
+        self._ctx: TaskContext | None = None
+        self._data: TaskData | None = None
+        self._workers: list[CandidateWorker] = []
+        self._winner: CandidateWorker | None = None
+
+    @property
+    def name(self) -> str:
+        return "local"
+
+    def begin_task(self, ctx: TaskContext, data: TaskData) -> None:
+        self._ctx, self._data = ctx, data
+        self._workers, self._winner = [], None
+
+    def search(self, on_epoch: ChunkEpochCallback | None = None) -> list[CandidateResult]:
+        if self._ctx is None or self._data is None:
+            raise RuntimeError("begin_task() first")
+        cfg = self._ctx.config
+        results: list[CandidateResult] = []
+        for chunk in chunks(cfg.search.population, cfg.executor.candidates_per_worker):
+            worker = CandidateWorker(self._ctx, self._data.train, self._data.val)
+            callback = None if on_epoch is None else (lambda rep, c=chunk: on_epoch(c, rep))
+            results.extend(worker.search(chunk, callback))
+            self._workers.append(worker)
+        return results
+
+    def train(self, winner: int, on_epoch: ChunkEpochCallback | None = None) -> TrainOutcome:
+        holders = [w for w in self._workers if w.holds(winner)]
+        if not holders:
+            raise RuntimeError(f"no worker holds candidate {winner}")
+        self._winner = holders[0]
+        for w in self._workers:
+            if w is not self._winner:
+                w.population = None
+        callback = None if on_epoch is None else (lambda rep: on_epoch([winner], rep))
+        return self._winner.train(winner, callback)
+
+    def quantize(self) -> QuantizedTask:
+        if self._winner is None:
+            raise RuntimeError("train() first")
+        return self._winner.quantize()
+
+    def end_task(self) -> None:
+        self._workers, self._winner, self._data = [], None, None

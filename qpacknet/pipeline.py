@@ -1,0 +1,297 @@
+"""The per-task pipeline SEARCH → TRAIN → QUANTIZE → COMMIT over an executor (DESIGN.md §2).
+
+The pipeline owns the packed store and the metrics; the executor owns the candidates. Each
+stage's output is checked before the next stage starts, and after COMMIT the accuracy
+matrix row is re-evaluated from the packed words, never copied.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from qpacknet import __version__
+from qpacknet.config import RunConfig
+from qpacknet.executor import Executor
+from qpacknet.fileio import atomic_write_json, atomic_write_text
+from qpacknet.metrics import AccuracyMatrix
+from qpacknet.model import PackedModel
+from qpacknet.nets import build
+from qpacknet.progress import Progress
+from qpacknet.scenarios.base import TaskStream
+from qpacknet.search import CandidateResult, scores, select_winner
+from qpacknet.stages import Stage, TaskStages
+from qpacknet.store import PackedStore
+from qpacknet.train import EpochReport
+from qpacknet.worker import QuantizedTask, TaskContext
+
+MODEL_FILE = "model.safetensors"
+RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.yaml"
+
+
+def resolve_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        from qpacknet.errors import ConfigError
+
+        raise ConfigError(
+            "device: 'cuda' was asked for but no CUDA device is visible; "
+            "use device=auto or device=cpu"
+        )
+    return setting
+
+
+def hardware(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "qpacknet": __version__,
+    }
+    if device.startswith("cuda"):
+        info["device_name"] = torch.cuda.get_device_name(0)
+    return info
+
+
+@dataclass
+class _Timer:
+    """Wall time per stage plus the pure candidate-training time reported by epochs."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    candidate_epochs: int = 0
+
+
+class Pipeline:
+    """Learns a task stream into a packed store; writes the model and results to ``out_dir``."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        stream: TaskStream,
+        executor: Executor,
+        out_dir: str | Path,
+        progress: Progress | None = None,
+        preset: str | None = None,
+    ) -> None:
+        self.config = config
+        self.stream = stream
+        self.executor = executor
+        self.out_dir = Path(out_dir)
+        self.progress = progress or Progress()
+        self.preset = preset
+        self.device = resolve_device(config.device)
+        probe = build(config.net, stream.input_shape, stream.num_classes, 1)
+        self.store = PackedStore(
+            probe.layer_specs, b_max=config.quantize.b_max, meta=probe.describe()
+        )
+        self.model = PackedModel(self.store, self.device, config.train.eval_batch_size)
+        self.matrix = AccuracyMatrix()
+        self.task_reports: list[dict[str, Any]] = []
+        self.totals = _Timer()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def model_path(self) -> Path:
+        return self.out_dir / MODEL_FILE
+
+    def run(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        atomic_write_text(
+            self.out_dir / CONFIG_FILE, yaml.safe_dump(self.config.model_dump(), sort_keys=False)
+        )
+        num_tasks = min(self.config.scenario.num_tasks, self.stream.num_tasks)
+        self.progress.run_start(self.stream.name, num_tasks, self.executor.name, self.device)
+        try:
+            for t in range(num_tasks):
+                self.learn_task(t)
+        finally:
+            self.executor.close()
+        results = self._results(time.perf_counter() - start)
+        atomic_write_json(self.out_dir / RESULTS_FILE, results)
+        return results
+
+    def learn_task(self, t: int) -> None:
+        """Run task ``t`` through all four stages and add its accuracy-matrix row."""
+        cfg = self.config
+        stages = TaskStages(t)
+        timer = _Timer()
+        self.progress.task_start(t)
+
+        def on_epoch(cands: list[int], rep: EpochReport) -> None:
+            timer.train_seconds += rep.train_seconds
+            timer.eval_seconds += rep.eval_seconds
+            timer.candidate_epochs += len(cands)
+            self.progress.epoch(t, cands, rep)
+
+        t0 = time.perf_counter()
+        data = self.stream.task(t)
+        ctx = TaskContext(
+            cfg,
+            t,
+            self.stream.input_shape,
+            self.stream.num_classes,
+            self.store.available(),
+            self.device,
+        )
+        self.executor.begin_task(ctx, data)
+        timer.seconds["data"] = time.perf_counter() - t0
+
+        stages.advance(Stage.SEARCH)
+        t0 = time.perf_counter()
+        results = sorted(self.executor.search(on_epoch), key=lambda r: r.index)
+        self._check_search(results)
+        winner = select_winner(results, cfg.search.alpha, cfg.search.beta)
+        sc = scores(results, cfg.search.alpha, cfg.search.beta)
+        for r, s in zip(results, sc, strict=True):
+            self.progress.candidate(t, r, s, r.index == winner)
+        timer.seconds["search"] = time.perf_counter() - t0
+        self.progress.stage(
+            t, "SEARCH", timer.seconds["search"], f"winner {winner} of {len(results)}"
+        )
+
+        stages.advance(Stage.TRAIN)
+        t0 = time.perf_counter()
+        outcome = self.executor.train(winner, on_epoch)
+        if outcome.candidate != winner or not math.isfinite(outcome.float_acc):
+            raise RuntimeError(f"TRAIN returned {outcome!r} for winner {winner}")
+        timer.seconds["train"] = time.perf_counter() - t0
+        self.progress.stage(
+            t, "TRAIN", timer.seconds["train"], f"best val acc {outcome.float_acc:.2f}"
+        )
+
+        stages.advance(Stage.QUANTIZE)
+        t0 = time.perf_counter()
+        q = self.executor.quantize()
+        self._check_quantized(q, winner)
+        timer.seconds["quantize"] = time.perf_counter() - t0
+        drop = (
+            ""
+            if q.within_delta
+            else f" (no width within delta: drop {q.float_acc - q.quant_acc:.2f})"
+        )
+        self.progress.stage(
+            t,
+            "QUANTIZE",
+            timer.seconds["quantize"],
+            f"{q.bit_width} bits, val acc {q.float_acc:.2f} -> {q.quant_acc:.2f}{drop}",
+        )
+
+        stages.advance(Stage.COMMIT)
+        t0 = time.perf_counter()
+        task_id = self.store.commit(q.masks, q.codes, q.codebooks, q.bit_width, q.task_state)
+        self.model.refresh()
+        packed_val = self.model.accuracy(task_id, data.val)
+        if packed_val != q.quant_acc:
+            raise RuntimeError(
+                f"task {t}: packed model gives val acc {packed_val} but the "
+                f"quantised network gave {q.quant_acc}; refusing to go on"
+            )
+        self.store.save(self.model_path)
+        self.executor.end_task()
+        timer.seconds["commit"] = time.perf_counter() - t0
+        stages.advance(Stage.DONE)
+
+        t0 = time.perf_counter()
+        row = self.matrix.add_row(lambda j: self.model.accuracy(j, self.stream.test_split(j)))
+        timer.seconds["evaluate"] = time.perf_counter() - t0
+        cap = self.store.capacity()
+        self.progress.task_done(t, row, cap.capacity_pct)
+        self._record(t, results, sc, winner, q, timer)
+
+    def _check_search(self, results: list[CandidateResult]) -> None:
+        expected = list(range(self.config.search.population))
+        if [r.index for r in results] != expected:
+            raise RuntimeError(
+                f"SEARCH returned candidates {[r.index for r in results]}, expected {expected}"
+            )
+        bad = [r.index for r in results if not math.isfinite(r.acc)]
+        if bad:
+            raise RuntimeError(f"SEARCH: candidates {bad} have a non-finite accuracy")
+
+    def _check_quantized(self, q: QuantizedTask, winner: int) -> None:
+        qc = self.config.quantize
+        if q.candidate != winner or not qc.psi_min <= q.bit_width <= qc.b_max:
+            raise RuntimeError(
+                f"QUANTIZE returned candidate {q.candidate} at {q.bit_width} "
+                f"bits for winner {winner}"
+            )
+
+    def _record(
+        self,
+        t: int,
+        results: list[CandidateResult],
+        sc: list[float],
+        winner: int,
+        q: QuantizedTask,
+        timer: _Timer,
+    ) -> None:
+        for key in ("train_seconds", "eval_seconds", "candidate_epochs"):
+            setattr(self.totals, key, getattr(self.totals, key) + getattr(timer, key))
+        for k, v in timer.seconds.items():
+            self.totals.seconds[k] = self.totals.seconds.get(k, 0.0) + v
+        self.task_reports.append(
+            {
+                "task": t,
+                "bit_width": q.bit_width,
+                "density": self.store.density(t),
+                "candidates": [
+                    {"index": r.index, "acc": r.acc, "sparsity": r.sparsity, "score": s}
+                    for r, s in zip(results, sc, strict=True)
+                ],
+                "winner": winner,
+                "float_acc": q.float_acc,
+                "quant_acc": q.quant_acc,
+                "within_delta": q.within_delta,
+                "bits_tried": [{"bits": b, "acc": a} for b, a in q.tried],
+                "capacity_pct": self.store.capacity().per_task[t].pct,
+                "seconds": dict(timer.seconds),
+                "candidate_epochs": timer.candidate_epochs,
+                "training_seconds": timer.train_seconds,
+            }
+        )
+
+    def _results(self, seconds_total: float) -> dict[str, Any]:
+        cap = self.store.capacity()
+        tot = self.totals
+        return {
+            "scenario": self.stream.name,
+            "preset": self.preset,
+            "config": self.config.model_dump(),
+            "executor": self.executor.name,
+            "accuracy_matrix": self.matrix.rows,
+            "acc": self.matrix.acc,
+            "bwt": self.matrix.bwt,
+            "capacity_pct": cap.capacity_pct,
+            "heads_pct": cap.heads_pct,
+            "packed_bytes": self.model_path.stat().st_size,
+            "dense_float32_bytes": cap.dense_bits // 8,
+            "tasks": self.task_reports,
+            "seconds_total": seconds_total,
+            "seconds_by_stage": tot.seconds,
+            "throughput": {
+                "candidate_epochs": tot.candidate_epochs,
+                "candidate_training_seconds": tot.train_seconds,
+                "candidate_epochs_per_second": (
+                    tot.candidate_epochs / tot.train_seconds if tot.train_seconds else 0.0
+                ),
+                "validation_seconds": tot.eval_seconds,
+                "non_training_fraction": 1.0 - tot.train_seconds / seconds_total,
+            },
+            "hardware": hardware(self.device),
+        }

@@ -1,0 +1,76 @@
+"""Progress display: one readable line per epoch, candidate, stage and task.
+
+Plain lines (no carriage-return bars) so the same output reads well in a terminal, a log
+file and ``ray job logs``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from qpacknet.search import CandidateResult
+from qpacknet.train import EpochReport
+
+
+class Progress:
+    """Writes progress lines to a stream; ``verbose=False`` keeps only stage and task lines."""
+
+    def __init__(self, stream: TextIO | None = None, verbose: bool = True) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        self.verbose = verbose
+        self.start = time.perf_counter()
+        self.num_tasks = 0
+
+    def line(self, text: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        m, s = divmod(int(elapsed), 60)
+        h, m = divmod(m, 60)
+        self.stream.write(f"[{h:d}:{m:02d}:{s:02d}] {text}\n")
+        self.stream.flush()
+
+    def run_start(self, scenario: str, num_tasks: int, executor: str, device: str) -> None:
+        self.num_tasks = num_tasks
+        self.line(f"run {scenario}: {num_tasks} tasks, executor {executor}, device {device}")
+
+    def task_start(self, task: int) -> None:
+        self.line(f"task {task + 1}/{self.num_tasks} start")
+
+    def epoch(self, task: int, candidates: list[int], rep: EpochReport) -> None:
+        if not self.verbose:
+            return
+        who = (
+            f"candidate {candidates[0]}"
+            if len(candidates) == 1
+            else f"candidates {candidates[0]}-{candidates[-1]}"
+        )
+        loss = sum(rep.loss) / len(rep.loss)
+        acc = (
+            f"val acc {rep.val_acc[0]:.2f}"
+            if len(rep.val_acc) == 1
+            else (
+                f"val acc mean {sum(rep.val_acc) / len(rep.val_acc):.2f} max {max(rep.val_acc):.2f}"
+            )
+        )
+        self.line(
+            f"task {task + 1} {rep.stage.upper()} {who} epoch {rep.epoch}/{rep.epochs} "
+            f"lr {rep.lr:.5f} loss {loss:.4f} {acc} ({rep.train_seconds + rep.eval_seconds:.1f}s)"
+        )
+
+    def candidate(self, task: int, result: CandidateResult, score: float, winner: bool) -> None:
+        mark = "  <- winner" if winner else ""
+        self.line(
+            f"task {task + 1} candidate {result.index:>3d}: val acc {result.acc:6.2f} "
+            f"sparsity {result.sparsity:.3f} score {score:.4f}{mark}"
+        )
+
+    def stage(self, task: int, stage: str, seconds: float, summary: str) -> None:
+        self.line(f"task {task + 1} {stage} done in {seconds:.1f}s: {summary}")
+
+    def task_done(self, task: int, row: list[float], capacity_pct: float) -> None:
+        cells = " ".join(f"{v:.2f}" for v in row)
+        self.line(
+            f"task {task + 1}/{self.num_tasks} committed; test acc of tasks 1..{task + 1}: "
+            f"{cells}; capacity {capacity_pct:.2f}%"
+        )

@@ -1,0 +1,73 @@
+"""Task streams: the data of each task as whole tensors in memory.
+
+DESIGN.md §4 / §7: batches are gathered from one in-memory tensor (``x[perm[i:i+b]]``),
+2.5–3× cheaper than a ``DataLoader``; tensors live on the training device when there is one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Split:
+    """Inputs ``x`` (float32, ``[N, *input_shape]``) and labels ``y`` (int64, ``[N]``)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(f"x has {self.x.shape[0]} rows but y has {self.y.shape[0]}")
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One task's train / validation / test splits; labels are 0..num_classes-1."""
+
+    index: int
+    name: str
+    num_classes: int
+    train: Split
+    val: Split
+    test: Split
+
+    def to(self, device: torch.device | str) -> TaskData:
+        return TaskData(
+            self.index,
+            self.name,
+            self.num_classes,
+            self.train.to(device),
+            self.val.to(device),
+            self.test.to(device),
+        )
+
+
+class TaskStream(ABC):
+    """An ordered stream of tasks. Tasks are built on demand so that only one task's
+    training data is in memory at a time (10 permuted MNIST copies would take 1.9 GB)."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    @property
+    @abstractmethod
+    def num_tasks(self) -> int: ...
+
+    @abstractmethod
+    def task(self, index: int) -> TaskData:
+        """Task ``index`` (0-based) with all three splits."""
+
+    def test_split(self, index: int) -> Split:
+        """Only the test split of task ``index`` (used to re-evaluate old tasks)."""
+        return self.task(index).test

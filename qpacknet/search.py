@@ -1,0 +1,72 @@
+"""Candidate drawing under the availability rule and the α/β score (Algorithm 1, eqs. 6-8)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qpacknet.config import SearchConfig
+from qpacknet.seeding import generator
+from qpacknet.store import LayerSpec
+
+
+def draw_mask(
+    layers: list[LayerSpec],
+    available: dict[str, torch.Tensor],
+    cfg: SearchConfig,
+    seed: int,
+    task: int,
+    candidate: int,
+) -> dict[str, torch.Tensor]:
+    """Candidate ``candidate``'s mask: per layer a sparsity ``s ~ U[v_min, v_max]`` and
+    ``round((1 - s) |θ_l|)`` weights picked uniformly among the layer's available weights
+    (fewer if fewer are available). Depends only on (seed, task, candidate, availability)."""
+    g = generator(seed, "mask", task, candidate)
+    masks = {}
+    for spec in layers:
+        s = cfg.v_min + (cfg.v_max - cfg.v_min) * torch.rand((), generator=g, dtype=torch.float64)
+        want = round((1.0 - float(s)) * spec.numel)
+        free = available[spec.name].flatten().nonzero().flatten().cpu()
+        pick = free[torch.randperm(free.numel(), generator=g)[: min(want, free.numel())]]
+        m = torch.zeros(spec.numel, dtype=torch.bool)
+        m[pick] = True
+        masks[spec.name] = m.reshape(spec.shape)
+    return masks
+
+
+def weighted_sparsity(masks: dict[str, torch.Tensor]) -> float:
+    """Υ (eqs. 6-7): the layer sparsities weighted by layer size, i.e. the fraction of all
+    prunable weights the candidate does not own."""
+    total = sum(m.numel() for m in masks.values())
+    owned = sum(int(m.sum()) for m in masks.values())
+    return 1.0 - owned / total
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """What a worker reports for one trained candidate."""
+
+    index: int
+    acc: float
+    sparsity: float
+    density: dict[str, float]
+
+
+def scores(results: list[CandidateResult], alpha: float, beta: float) -> list[float]:
+    """Eq. 8: ``α·A_i/max(A) + β·Υ_i/max(Υ)`` (a term whose max is 0 contributes 0)."""
+    max_a = max(r.acc for r in results)
+    max_s = max(r.sparsity for r in results)
+    return [
+        alpha * (r.acc / max_a if max_a > 0 else 0.0)
+        + beta * (r.sparsity / max_s if max_s > 0 else 0.0)
+        for r in results
+    ]
+
+
+def select_winner(results: list[CandidateResult], alpha: float, beta: float) -> int:
+    """Index (``CandidateResult.index``) of the best score; ties go to the lower index."""
+    ordered = sorted(results, key=lambda r: r.index)
+    sc = scores(ordered, alpha, beta)
+    best = max(range(len(ordered)), key=lambda i: (sc[i], -ordered[i].index))
+    return ordered[best].index

@@ -1,0 +1,19 @@
+"""The packed model: 32-bit words, task components, masks, codebooks, heads (DESIGN.md §2).
+
+:class:`PackedStore` holds the tasks in memory, :func:`save`/:func:`load` move them to and from
+one safetensors file, and :func:`capacity` reports the paper's eq. 10.
+"""
+
+from qpacknet.store.capacity import CapacityReport, TaskCapacity, capacity
+from qpacknet.store.fileformat import load, save
+from qpacknet.store.packed import LayerSpec, PackedStore
+
+__all__ = [
+    "CapacityReport",
+    "LayerSpec",
+    "PackedStore",
+    "TaskCapacity",
+    "capacity",
+    "load",
+    "save",
+]

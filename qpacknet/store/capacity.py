@@ -1,0 +1,77 @@
+"""Memory capacity of a packed model, the paper's eq. 10 (DESIGN.md §2, "Metrics").
+
+For task ``t`` with component width ``b_t`` and density ``d_tl = 1 - Υ_l`` (owned weights over
+``|θ_l|``) in each of the ``|L|`` prunable layers::
+
+    CAP_t = Σ_l d_tl·|θ_l|·b_t  +  |L|·2^b_t·(32 + b_t)  +  Σ_l d_tl·|θ_l|
+
+i.e. the owned weights at ``b_t`` bits, the codebooks (a float32 centroid plus its code per
+entry), and the mask term, which eq. 10 writes as ``(1-Υ_l)|M_l|`` with ``|M_l| = |θ_l|``.
+``capacity_pct`` is ``Σ_t CAP_t`` as a percentage of the dense float32 model (``32·Σ_l|θ_l|``
+bits), so that it compares with the paper's Table 2. The per-task heads and normalisation state
+are not in eq. 10; they are reported beside it as ``heads_pct`` (32 bits per element).
+All bit counts are exact integers: ``d_tl·|θ_l|`` is the task's owned-weight count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qpacknet.store.packed import WORD_BITS, PackedStore
+
+
+@dataclass(frozen=True)
+class TaskCapacity:
+    """One task's share of eq. 10."""
+
+    task: int
+    bit_width: int
+    bits: int
+    pct: float
+    density: dict[str, float]
+
+
+@dataclass(frozen=True)
+class CapacityReport:
+    """Eq. 10 summed over tasks, plus the heads/normalisation state reported beside it."""
+
+    capacity_pct: float
+    heads_pct: float
+    per_task: list[TaskCapacity]
+    dense_bits: int
+
+
+def task_bits(owned: list[int], bit_width: int) -> int:
+    """``CAP_t`` in bits from the task's owned-weight count per prunable layer (eq. 10)."""
+    n_owned = sum(owned)
+    codebooks = len(owned) * (1 << bit_width) * (WORD_BITS + bit_width)
+    return n_owned * bit_width + codebooks + n_owned
+
+
+def capacity(store: PackedStore) -> CapacityReport:
+    """Eq. 10 capacity of every committed task of ``store`` and the total, in % of dense."""
+    dense_bits = WORD_BITS * sum(spec.numel for spec in store.layers)
+    per_task = []
+    head_elements = 0
+    for t in range(store.num_tasks):
+        width = store.bit_width(t)
+        masks = store.mask(t)
+        owned = [int(masks[spec.name].sum()) for spec in store.layers]
+        bits = task_bits(owned, width)
+        per_task.append(
+            TaskCapacity(
+                task=t,
+                bit_width=width,
+                bits=bits,
+                pct=100.0 * bits / dense_bits,
+                density={s.name: n / s.numel for s, n in zip(store.layers, owned, strict=True)},
+            )
+        )
+        head_elements += sum(v.numel() for v in store.task_state(t).values())
+    total_bits = sum(entry.bits for entry in per_task)
+    return CapacityReport(
+        capacity_pct=100.0 * total_bits / dense_bits,
+        heads_pct=100.0 * WORD_BITS * head_elements / dense_bits,
+        per_task=per_task,
+        dense_bits=dense_bits,
+    )

@@ -1,0 +1,333 @@
+"""The packed model file: one safetensors file that grows with what the tasks use.
+
+DESIGN.md §2 ("Metrics", saved-file paragraph): per task the file stores the mask as a bitset, the
+owned weights' codes packed back to back at ``b_t`` bits, the codebooks, the head and the
+normalisation state -- never the 32-bit words. :func:`load` rebuilds the words by re-committing
+the tasks in order through :meth:`PackedStore.commit`, which re-checks every invariant. safetensors
+holds raw tensors and a string header only, so loading a file never executes code (no pickle).
+
+Tensors (``{t}`` is the task id, ``{layer}`` a layer name verbatim, dots included):
+
+``task.{t}.mask.{layer}``
+    uint8, ``ceil(|θ_l|/8)`` bytes: the mask flattened row-major, one bit per weight, LSB-first
+    (:func:`qpacknet.store.bits.pack_mask`).
+``task.{t}.codes.{layer}``
+    uint8, ``ceil(n_tl*b_t/8)`` bytes: the ``n_tl`` owned weights' codes in row-major mask order,
+    ``b_t`` bits each, LSB-first (:func:`qpacknet.store.bits.pack_bits`).
+``task.{t}.codebook.{layer}``
+    float32, ``2**b_t`` centroids.
+``task.{t}.state.{name}``
+    the task's ``task_state`` tensors as given (head weight and bias, normalisation state).
+
+Header: the safetensors string metadata holds one key, ``"qpacknet"``, whose value is a JSON
+document:
+
+``format``
+    ``"qpacknet-packed"``.
+``version``
+    ``1``.
+``b_max``
+    largest component width (the availability rule).
+``layers``
+    list of ``{"name": str, "shape": [int, ...]}`` in store order.
+``meta``
+    the store's backbone description, verbatim.
+``tasks``
+    list, in task order, of ``{"bit_width": int, "code_counts": {layer: int}, "state": [name,
+    ...]}``; ``code_counts`` is each layer's mask popcount.
+``sha256``
+    ``{tensor name: hex digest}`` of every tensor's raw bytes, so that damage inside the tensor
+    data (which safetensors itself does not detect) is caught on load.
+
+Writes are atomic: the file is written to a temporary name in the same directory, flushed and
+fsynced, then moved over ``path`` with :func:`os.replace`; a failure removes the temporary file
+and leaves any existing ``path`` untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qpacknet.errors import ModelFileError, StoreError
+from qpacknet.store.bits import pack_bits, pack_mask, packed_nbytes, unpack_bits, unpack_mask
+from qpacknet.store.packed import LayerSpec, PackedStore
+
+FORMAT_NAME = "qpacknet-packed"
+FORMAT_VERSION = 1
+METADATA_KEY = "qpacknet"
+
+
+def _tensor_name(task: int, kind: str, name: str) -> str:
+    return f"task.{task}.{kind}.{name}"
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's raw (contiguous, CPU) bytes."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return hashlib.sha256(b"").hexdigest()
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _encode(store: PackedStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and header document that describe ``store`` (codes read from its words)."""
+    tensors: dict[str, torch.Tensor] = {}
+    tasks = []
+    for t in range(store.num_tasks):
+        width = store.bit_width(t)
+        masks, codes, books = store.mask(t), store.codes(t), store.codebooks(t)
+        state = store.task_state(t)
+        for spec in store.layers:
+            tensors[_tensor_name(t, "mask", spec.name)] = pack_mask(masks[spec.name])
+            tensors[_tensor_name(t, "codes", spec.name)] = pack_bits(codes[spec.name], width)
+            tensors[_tensor_name(t, "codebook", spec.name)] = books[spec.name].contiguous()
+        for key, value in state.items():
+            tensors[_tensor_name(t, "state", key)] = value.contiguous()
+        tasks.append(
+            {
+                "bit_width": width,
+                "code_counts": {s.name: int(codes[s.name].numel()) for s in store.layers},
+                "state": list(state),
+            }
+        )
+    header = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "b_max": store.b_max,
+        "layers": [{"name": s.name, "shape": list(s.shape)} for s in store.layers],
+        "meta": store.meta,
+        "tasks": tasks,
+        "sha256": {name: _digest(tensor) for name, tensor in tensors.items()},
+    }
+    return tensors, header
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself; best effort where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(store: PackedStore, path: str | os.PathLike[str]) -> None:
+    """Write ``store`` to ``path`` atomically in the format described in this module.
+
+    Raises :class:`ModelFileError` when the file cannot be written (e.g. a missing directory);
+    ``path`` then still holds its previous content, if any.
+    """
+    path = Path(path)
+    tensors, header = _encode(store)
+    metadata = {METADATA_KEY: json.dumps(header, sort_keys=True)}
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        # Created here with O_EXCL so the final file gets the usual umask-derived mode.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as exc:
+        raise ModelFileError(
+            f"cannot write model file {path}: {exc.strerror or exc}; "
+            "fix: make sure the directory exists and is writable"
+        ) from exc
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as handle:
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            raise ModelFileError(
+                f"cannot write model file {path}: {exc.strerror or exc}; the previous file, "
+                "if any, is unchanged; fix: check free disk space and permissions"
+            ) from exc
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fail(path: Path, problem: str, fix: str) -> ModelFileError:
+    return ModelFileError(f"model file {path}: {problem}; fix: {fix}")
+
+
+_DAMAGED_FIX = "the file is damaged or incomplete; restore it from a good copy or save it again"
+
+
+def _read_header(path: Path, metadata: dict[str, str] | None) -> dict[str, Any]:
+    raw = (metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise _fail(
+            path,
+            f"not a qpacknet model (no {METADATA_KEY!r} header entry)",
+            "pass a file written by qpacknet (PackedStore.save)",
+        )
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise _fail(path, f"header is not valid JSON ({exc})", _DAMAGED_FIX) from exc
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object", _DAMAGED_FIX)
+    if header.get("format") != FORMAT_NAME:
+        raise _fail(
+            path,
+            f"format is {header.get('format')!r}, expected {FORMAT_NAME!r}",
+            "pass a file written by qpacknet (PackedStore.save)",
+        )
+    if header.get("version") != FORMAT_VERSION:
+        raise _fail(
+            path,
+            f"format version {header.get('version')!r} is not supported (this qpacknet reads "
+            f"version {FORMAT_VERSION})",
+            "load it with the qpacknet release that wrote it, or save it again with this one",
+        )
+    return header
+
+
+def _build_store(path: Path, header: dict[str, Any]) -> PackedStore:
+    """An empty store from the header's layers, b_max and meta."""
+    try:
+        layers = [
+            LayerSpec(str(entry["name"]), tuple(entry["shape"])) for entry in header["layers"]
+        ]
+        return PackedStore(layers, b_max=header["b_max"], meta=header["meta"])
+    except (KeyError, TypeError, StoreError) as exc:
+        raise _fail(path, f"invalid layer description in header ({exc})", _DAMAGED_FIX) from exc
+
+
+def _check_tasks(path: Path, header: dict[str, Any], store: PackedStore) -> list[dict[str, Any]]:
+    tasks = header.get("tasks")
+    if not isinstance(tasks, list):
+        raise _fail(path, "header has no task list", _DAMAGED_FIX)
+    names = {s.name for s in store.layers}
+    for t, entry in enumerate(tasks):
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("bit_width"), int)
+            and isinstance(entry.get("code_counts"), dict)
+            and set(entry["code_counts"]) == names
+            and all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                for n in entry["code_counts"].values()
+            )
+            and isinstance(entry.get("state"), list)
+            and all(isinstance(k, str) for k in entry["state"])
+        )
+        if not ok:
+            raise _fail(path, f"header entry of task {t} is malformed", _DAMAGED_FIX)
+        if not 1 <= entry["bit_width"] <= store.b_max:
+            raise _fail(
+                path, f"task {t} has bit width {entry['bit_width']} outside 1..b_max", _DAMAGED_FIX
+            )
+    return tasks
+
+
+def _expected_tensors(
+    store: PackedStore, tasks: list[dict[str, Any]]
+) -> dict[str, tuple[torch.dtype | None, tuple[int, ...] | None]]:
+    """Every tensor the header promises, with its dtype and shape where the format fixes them."""
+    expected: dict[str, tuple[torch.dtype | None, tuple[int, ...] | None]] = {}
+    for t, entry in enumerate(tasks):
+        width = entry["bit_width"]
+        for spec in store.layers:
+            count = entry["code_counts"][spec.name]
+            expected[_tensor_name(t, "mask", spec.name)] = (
+                torch.uint8,
+                (packed_nbytes(spec.numel, 1),),
+            )
+            expected[_tensor_name(t, "codes", spec.name)] = (
+                torch.uint8,
+                (packed_nbytes(count, width),),
+            )
+            expected[_tensor_name(t, "codebook", spec.name)] = (torch.float32, (1 << width,))
+        for key in entry["state"]:
+            expected[_tensor_name(t, "state", key)] = (None, None)
+    return expected
+
+
+def load(path: str | os.PathLike[str]) -> PackedStore:
+    """Read a file written by :func:`save` and rebuild the store by re-committing each task.
+
+    Raises :class:`ModelFileError`, naming the path, the problem and the fix, for a missing
+    file, bytes that are not a safetensors file (random, truncated, damaged), another format or
+    version, missing or extra tensors, and sizes or checksums that disagree with the header.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "no such file", "check the path, or save a model there first")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata()
+            header = _read_header(path, metadata)
+            store = _build_store(path, header)
+            tasks = _check_tasks(path, header, store)
+            expected = _expected_tensors(store, tasks)
+            present = set(handle.keys())
+            missing = sorted(set(expected) - present)
+            if missing:
+                raise _fail(path, f"missing tensors {missing[:5]}", _DAMAGED_FIX)
+            extra = sorted(present - set(expected))
+            if extra:
+                raise _fail(path, f"unexpected tensors {extra[:5]}", _DAMAGED_FIX)
+            tensors = {name: handle.get_tensor(name) for name in expected}
+    except ModelFileError:
+        raise
+    except Exception as exc:
+        raise _fail(
+            path, f"not a readable safetensors file ({type(exc).__name__}: {exc})", _DAMAGED_FIX
+        ) from exc
+
+    digests = header.get("sha256")
+    if not isinstance(digests, dict):
+        raise _fail(path, "header has no tensor checksums", _DAMAGED_FIX)
+    for name, (dtype, shape) in expected.items():
+        tensor = tensors[name]
+        if dtype is not None and (tensor.dtype != dtype or tuple(tensor.shape) != shape):
+            raise _fail(
+                path,
+                f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, header implies "
+                f"{dtype} {shape}",
+                _DAMAGED_FIX,
+            )
+        if digests.get(name) != _digest(tensor):
+            raise _fail(path, f"checksum mismatch in tensor {name!r}", _DAMAGED_FIX)
+
+    for t, entry in enumerate(tasks):
+        width = entry["bit_width"]
+        masks, codes, books = {}, {}, {}
+        for spec in store.layers:
+            count = entry["code_counts"][spec.name]
+            mask = unpack_mask(tensors[_tensor_name(t, "mask", spec.name)], spec.shape)
+            if int(mask.sum()) != count:
+                raise _fail(
+                    path,
+                    f"task {t} layer {spec.name!r}: mask has {int(mask.sum())} weights but the "
+                    f"header counts {count} codes",
+                    _DAMAGED_FIX,
+                )
+            masks[spec.name] = mask
+            codes[spec.name] = unpack_bits(
+                tensors[_tensor_name(t, "codes", spec.name)], width, count
+            )
+            books[spec.name] = tensors[_tensor_name(t, "codebook", spec.name)]
+        state = {key: tensors[_tensor_name(t, "state", key)] for key in entry["state"]}
+        try:
+            store.commit(masks, codes, books, width, state)
+        except StoreError as exc:
+            raise _fail(path, f"task {t} cannot be re-committed: {exc}", _DAMAGED_FIX) from exc
+    return store

@@ -1,0 +1,362 @@
+"""The packed model: every prunable weight owns one 32-bit word shared by the tasks.
+
+DESIGN.md §2, "Terms" and COMMIT: a task that uses a weight owns a *component* of that weight's
+word, ``b_t`` bits holding an index into the task's per-layer codebook of ``2**b_t`` float32
+centroids. Components of successive tasks are appended at the next free bit offset of the word.
+A weight is *available* while ``used_bits + b_max <= 32``, so no word ever exceeds 32 bits; with
+8-bit components only that is the paper's ``T_L = 4`` tasks per weight.
+
+Once committed a task is frozen: its weights are decoded from the words (never from a side copy
+of its codes), so corruption of the words cannot go unnoticed and nothing learned later can
+change the task's function.
+
+Weight sharing (TinySubNets, later): a task will additionally carry per-layer *shared* masks that
+read already-committed weights from the first component of their word (the task that claimed the
+weight first). :class:`_Task` is where that mask will live and :meth:`PackedStore.decode` where it
+will be read; owned components are unaffected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from qpacknet.errors import StoreError
+
+if TYPE_CHECKING:
+    from qpacknet.store.capacity import CapacityReport
+
+WORD_BITS = 32
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A prunable layer: its name (any string, e.g. ``"layers.0"``) and weight shape."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise StoreError(f"layer name must be a non-empty string, got {self.name!r}")
+        shape = tuple(self.shape)
+        if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+            raise StoreError(
+                f"layer {self.name!r}: shape must be a non-empty tuple of positive ints, "
+                f"got {self.shape!r}"
+            )
+        object.__setattr__(self, "shape", shape)
+
+    @property
+    def numel(self) -> int:
+        """Number of weights ``|θ_l|`` in the layer."""
+        return math.prod(self.shape)
+
+
+@dataclass
+class _Task:
+    """What the store keeps of a committed task (DESIGN.md §2, COMMIT).
+
+    ``offsets[name]`` is the bit offset of each owned component inside its word, in the
+    row-major order of ``masks[name].flatten().nonzero()``; with the mask and ``bit_width`` it
+    is enough to read the codes back from the words.
+    """
+
+    bit_width: int
+    masks: dict[str, torch.Tensor]
+    offsets: dict[str, torch.Tensor]
+    codebooks: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor]
+    decoded: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+
+def _normalise_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
+    """Round-trip ``meta`` through strict JSON so the in-memory and saved copies are equal."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise StoreError(f"meta must be a dict, got {type(meta).__name__}")
+    try:
+        return json.loads(json.dumps(meta, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(
+            f"meta must be JSON-serialisable (it is saved in the model file header): {exc}"
+        ) from exc
+
+
+class PackedStore:
+    """Tasks packed into the 32-bit words of the prunable weights (DESIGN.md §2).
+
+    In memory, ``words[name]`` is an int64 tensor of the layer's shape holding values in
+    ``[0, 2**32)`` and ``used_bits[name]`` (int16) how many low bits of each word are taken.
+    :meth:`commit` validates a task completely before it changes anything, so a rejected commit
+    leaves the store exactly as it was.
+    """
+
+    def __init__(
+        self, layers: list[LayerSpec], b_max: int = 8, meta: dict[str, Any] | None = None
+    ) -> None:
+        if isinstance(b_max, bool) or not isinstance(b_max, int) or not 1 <= b_max <= WORD_BITS:
+            raise StoreError(f"b_max must be an int in 1..{WORD_BITS}, got {b_max!r}")
+        layers = list(layers)
+        if not layers:
+            raise StoreError("a packed store needs at least one prunable layer")
+        for spec in layers:
+            if not isinstance(spec, LayerSpec):
+                raise StoreError(f"layers must be LayerSpec instances, got {type(spec).__name__}")
+        names = [spec.name for spec in layers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise StoreError(f"duplicate layer names: {duplicates}")
+        self._layers = tuple(layers)
+        self._b_max = b_max
+        self._meta = _normalise_meta(meta)
+        self._words = {s.name: torch.zeros(s.shape, dtype=torch.int64) for s in layers}
+        self._used = {s.name: torch.zeros(s.shape, dtype=torch.int16) for s in layers}
+        self._tasks: list[_Task] = []
+
+    @property
+    def layers(self) -> tuple[LayerSpec, ...]:
+        """The prunable layers, in the order given at construction."""
+        return self._layers
+
+    @property
+    def b_max(self) -> int:
+        """Largest allowed component width; fixes the availability rule."""
+        return self._b_max
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The backbone description given at construction (a JSON-normalised copy)."""
+        return json.loads(json.dumps(self._meta))
+
+    @property
+    def num_tasks(self) -> int:
+        """Number of committed tasks; task ids are ``0 .. num_tasks-1``."""
+        return len(self._tasks)
+
+    @property
+    def words(self) -> dict[str, torch.Tensor]:
+        """The 32-bit words per layer (int64 values in ``[0, 2**32)``). Do not mutate."""
+        return dict(self._words)
+
+    @property
+    def used_bits(self) -> dict[str, torch.Tensor]:
+        """Bits already taken in each word (int16). Do not mutate."""
+        return dict(self._used)
+
+    def available(self) -> dict[str, torch.Tensor]:
+        """Weights whose word still has room for a ``b_max``-bit component (DESIGN.md §2)."""
+        return {name: used + self._b_max <= WORD_BITS for name, used in self._used.items()}
+
+    def _task(self, task: int) -> _Task:
+        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < len(self._tasks):
+            raise StoreError(
+                f"no task {task!r}: the store holds {len(self._tasks)} task(s), "
+                f"ids 0..{len(self._tasks) - 1}"
+            )
+        return self._tasks[task]
+
+    def _validate(
+        self,
+        masks: dict[str, torch.Tensor],
+        codes: dict[str, torch.Tensor],
+        codebooks: dict[str, torch.Tensor],
+        bit_width: int,
+        task_state: dict[str, torch.Tensor],
+    ) -> None:
+        """Check a commit completely; raise :class:`StoreError` on the first problem."""
+        if isinstance(bit_width, bool) or not isinstance(bit_width, int):
+            raise StoreError(f"bit_width must be an int, got {bit_width!r}")
+        if not 1 <= bit_width <= self._b_max:
+            raise StoreError(f"bit_width {bit_width} is outside 1..b_max={self._b_max}")
+        names = {s.name for s in self._layers}
+        for what, given in (("masks", masks), ("codes", codes), ("codebooks", codebooks)):
+            if not isinstance(given, dict):
+                raise StoreError(f"{what} must be a dict keyed by layer name")
+            if set(given) != names:
+                raise StoreError(
+                    f"{what} keys must equal the prunable layers: "
+                    f"missing {sorted(names - set(given))}, unknown {sorted(set(given) - names)}"
+                )
+        available = self.available()
+        n_codes = 1 << bit_width
+        for spec in self._layers:
+            name = spec.name
+            mask, code, book = masks[name], codes[name], codebooks[name]
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise StoreError(f"layer {name!r}: mask must be a bool tensor")
+            if tuple(mask.shape) != spec.shape:
+                raise StoreError(
+                    f"layer {name!r}: mask shape {tuple(mask.shape)} != layer shape {spec.shape}"
+                )
+            mask = mask.detach().cpu()
+            owned = int(mask.sum())
+            if not isinstance(code, torch.Tensor) or code.dim() != 1:
+                raise StoreError(f"layer {name!r}: codes must be a 1-D tensor")
+            if code.dtype.is_floating_point or code.dtype.is_complex or code.dtype == torch.bool:
+                raise StoreError(f"layer {name!r}: codes must be integers, got {code.dtype}")
+            if code.numel() != owned:
+                raise StoreError(
+                    f"layer {name!r}: {code.numel()} codes for {owned} masked weights "
+                    "(one code per True mask entry, row-major)"
+                )
+            if owned:
+                lo, hi = int(code.min()), int(code.max())
+                if lo < 0 or hi >= n_codes:
+                    raise StoreError(
+                        f"layer {name!r}: codes out of range, they must lie in [0, {n_codes}) for "
+                        f"{bit_width}-bit components, got min {lo}, max {hi}"
+                    )
+            if not isinstance(book, torch.Tensor) or book.dtype != torch.float32:
+                raise StoreError(f"layer {name!r}: codebook must be a float32 tensor")
+            if tuple(book.shape) != (n_codes,):
+                raise StoreError(
+                    f"layer {name!r}: codebook shape {tuple(book.shape)} != ({n_codes},) "
+                    f"for bit_width {bit_width}"
+                )
+            if not bool(torch.isfinite(book).all()):
+                raise StoreError(f"layer {name!r}: codebook holds NaN or infinite values")
+            taken = int((mask & ~available[name]).sum())
+            if taken:
+                raise StoreError(
+                    f"layer {name!r}: {taken} masked weight(s) are not available (their word "
+                    f"has fewer than b_max={self._b_max} free bits); draw masks from available()"
+                )
+        if not isinstance(task_state, dict):
+            raise StoreError("task_state must be a dict of tensors")
+        for key, value in task_state.items():
+            if not isinstance(key, str) or not key:
+                raise StoreError(f"task_state keys must be non-empty strings, got {key!r}")
+            if not isinstance(value, torch.Tensor):
+                raise StoreError(f"task_state[{key!r}] must be a tensor")
+
+    def commit(
+        self,
+        masks: dict[str, torch.Tensor],
+        codes: dict[str, torch.Tensor],
+        codebooks: dict[str, torch.Tensor],
+        bit_width: int,
+        task_state: dict[str, torch.Tensor],
+    ) -> int:
+        """Pack a quantised task into the words and return its id (DESIGN.md §2, COMMIT).
+
+        ``masks[name]`` has the layer's shape; ``codes[name]`` holds one code per True mask entry
+        in row-major order; ``codebooks[name]`` is float32 of length ``2**bit_width``;
+        ``task_state`` holds the task's unpacked tensors (head, normalisation state), stored as
+        CPU clones. Each code goes to bit offset ``used_bits`` of its word, then ``used_bits``
+        grows by ``bit_width``. Everything is validated first and the new words are built aside,
+        so a :class:`StoreError` leaves the store unchanged.
+        """
+        self._validate(masks, codes, codebooks, bit_width, task_state)
+        new_words: dict[str, torch.Tensor] = {}
+        new_used: dict[str, torch.Tensor] = {}
+        task_masks: dict[str, torch.Tensor] = {}
+        offsets: dict[str, torch.Tensor] = {}
+        for spec in self._layers:
+            name = spec.name
+            mask = masks[name].detach().cpu().clone()
+            index = mask.reshape(-1).nonzero().squeeze(1)
+            used = self._used[name].reshape(-1)
+            offset = used[index].clone()
+            words = self._words[name].reshape(-1).clone()
+            code = codes[name].detach().cpu().to(torch.int64)
+            words[index] |= code << offset.to(torch.int64)
+            used = used.clone()
+            used[index] += bit_width
+            new_words[name] = words.view(spec.shape)
+            new_used[name] = used.view(spec.shape)
+            task_masks[name] = mask
+            offsets[name] = offset
+        task = _Task(
+            bit_width=bit_width,
+            masks=task_masks,
+            offsets=offsets,
+            codebooks={n: codebooks[n].detach().cpu().clone() for n in task_masks},
+            state={k: v.detach().cpu().clone() for k, v in task_state.items()},
+        )
+        self._words.update(new_words)
+        self._used.update(new_used)
+        self._tasks.append(task)
+        return len(self._tasks) - 1
+
+    def _read_codes(self, record: _Task, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices of the task's owned weights in layer ``name`` and their codes (int64)."""
+        index = record.masks[name].reshape(-1).nonzero().squeeze(1)
+        words = self._words[name].reshape(-1)[index]
+        low = (1 << record.bit_width) - 1
+        return index, (words >> record.offsets[name].to(torch.int64)) & low
+
+    def codes(self, task: int) -> dict[str, torch.Tensor]:
+        """Task ``task``'s codes per layer (int64, row-major mask order), read from the words."""
+        record = self._task(task)
+        return {s.name: self._read_codes(record, s.name)[1] for s in self._layers}
+
+    def decode(self, task: int) -> dict[str, torch.Tensor]:
+        """Dense float32 weights of ``task``: ``codebook[code]`` where masked, 0.0 elsewhere.
+
+        Codes are read back from the words (shift and mask), so any damage to the words shows in
+        the decoded weights. The result is cached per task until :meth:`clear_cache`; the
+        returned tensors ARE the cached ones, so callers must not modify them in place.
+        """
+        record = self._task(task)
+        if record.decoded is None:
+            decoded = {}
+            for spec in self._layers:
+                name = spec.name
+                index, code = self._read_codes(record, name)
+                dense = torch.zeros(spec.numel, dtype=torch.float32)
+                dense[index] = record.codebooks[name][code]
+                decoded[name] = dense.view(spec.shape)
+            record.decoded = decoded
+        return dict(record.decoded)
+
+    def clear_cache(self) -> None:
+        """Drop every task's cached decoded weights."""
+        for record in self._tasks:
+            record.decoded = None
+
+    def mask(self, task: int) -> dict[str, torch.Tensor]:
+        """Task ``task``'s owned-weight mask per layer (a copy)."""
+        return {n: m.clone() for n, m in self._task(task).masks.items()}
+
+    def bit_width(self, task: int) -> int:
+        """Component width ``b_t`` of task ``task``."""
+        return self._task(task).bit_width
+
+    def codebooks(self, task: int) -> dict[str, torch.Tensor]:
+        """Task ``task``'s float32 codebooks per layer (copies)."""
+        return {n: b.clone() for n, b in self._task(task).codebooks.items()}
+
+    def task_state(self, task: int) -> dict[str, torch.Tensor]:
+        """Task ``task``'s unpacked tensors (head, normalisation state), as copies."""
+        return {k: v.clone() for k, v in self._task(task).state.items()}
+
+    def density(self, task: int) -> dict[str, float]:
+        """Fraction ``d_tl`` of each layer's weights that task ``task`` owns (eq. 10's 1-Υ_l)."""
+        record = self._task(task)
+        return {s.name: int(record.masks[s.name].sum()) / s.numel for s in self._layers}
+
+    def capacity(self) -> CapacityReport:
+        """Paper eq. 10 for this store; see :func:`qpacknet.store.capacity.capacity`."""
+        from qpacknet.store.capacity import capacity
+
+        return capacity(self)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the store atomically; see :func:`qpacknet.store.fileformat.save`."""
+        from qpacknet.store.fileformat import save
+
+        save(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PackedStore:
+        """Read a store written by :meth:`save`; see :func:`qpacknet.store.fileformat.load`."""
+        from qpacknet.store.fileformat import load
+
+        return load(path)

@@ -1,0 +1,186 @@
+"""The unit of work an executor runs: a chunk of candidates, trained as one population.
+
+A :class:`CandidateWorker` is pure torch (no Ray, no MLflow) so the in-process executor and
+the Ray actors (next issue) run the same code. It keeps the trained population, so the
+winner's worker continues with TRAIN and QUANTIZE on the state it already holds; losers'
+weights are never shipped anywhere.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from qpacknet.config import RunConfig
+from qpacknet.errors import IllegalTransition
+from qpacknet.nets import PopulationNet, build
+from qpacknet.quantize import QuantResult, dequantize, search_bit_width
+from qpacknet.scenarios.base import Split
+from qpacknet.search import CandidateResult, draw_mask, weighted_sparsity
+from qpacknet.store import LayerSpec
+from qpacknet.train import EpochCallback, evaluate, fit
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """Everything about a task a worker needs besides its data (small, picklable)."""
+
+    config: RunConfig
+    task: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+    available: dict[str, torch.Tensor]
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    candidate: int
+    float_acc: float
+    epochs: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class QuantizedTask:
+    """Everything COMMIT writes into the store, plus the bit-width search's report."""
+
+    candidate: int
+    bit_width: int
+    masks: dict[str, torch.Tensor]
+    codes: dict[str, torch.Tensor]
+    codebooks: dict[str, torch.Tensor]
+    task_state: dict[str, torch.Tensor]
+    float_acc: float
+    quant_acc: float
+    within_delta: bool
+    tried: list[tuple[int, float]] = field(default_factory=list)
+
+
+class CandidateWorker:
+    """Trains one chunk of candidates of one task; continues the winner if it holds it."""
+
+    def __init__(self, ctx: TaskContext, train: Split, val: Split) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.config
+        self.device = torch.device(ctx.device)
+        self.train_split = train.to(self.device)
+        self.val_split = val.to(self.device)
+        self.candidates: list[int] = []
+        self.population: PopulationNet | None = None
+        self.single: PopulationNet | None = None
+        self.single_candidate: int | None = None
+        self.float_acc: float | None = None
+
+    def _new_net(self, k: int) -> PopulationNet:
+        return build(self.cfg.net, self.ctx.input_shape, self.ctx.num_classes, k).to(self.device)
+
+    @property
+    def layers(self) -> list[LayerSpec]:
+        return self._new_net(1).layer_specs
+
+    def search(
+        self, candidates: list[int], on_epoch: EpochCallback | None = None
+    ) -> list[CandidateResult]:
+        """Algorithm 1 for this chunk: draw masks, Xavier-init, train E_short epochs together."""
+        if self.population is not None:
+            raise IllegalTransition("this worker already searched its chunk")
+        net = self._new_net(len(candidates))
+        masks = [
+            draw_mask(
+                net.layer_specs,
+                self.ctx.available,
+                self.cfg.search,
+                self.cfg.seed,
+                self.ctx.task,
+                c,
+            )
+            for c in candidates
+        ]
+        net.init_candidates(self.cfg.seed, self.ctx.task, candidates)
+        net.set_masks([{k: v.to(self.device) for k, v in m.items()} for m in masks])
+        accs = fit(
+            net,
+            self.train_split,
+            self.val_split,
+            self.cfg.train,
+            seed=self.cfg.seed,
+            task=self.ctx.task,
+            stage="search",
+            epochs=self.cfg.search.epochs,
+            schedule=False,
+            keep_best=False,
+            on_epoch=on_epoch,
+        )
+        self.population = net
+        self.candidates = list(candidates)
+        return [
+            CandidateResult(
+                index=c,
+                acc=acc,
+                sparsity=weighted_sparsity(m),
+                density={k: float(v.float().mean()) for k, v in m.items()},
+            )
+            for c, acc, m in zip(candidates, accs, masks, strict=True)
+        ]
+
+    def holds(self, candidate: int) -> bool:
+        return candidate in self.candidates
+
+    def train(self, candidate: int, on_epoch: EpochCallback | None = None) -> TrainOutcome:
+        """Stage 2: continue the winner from its short-trained state for E_full epochs with
+        the cosine schedule, keeping the best validation epoch's weights."""
+        if self.population is None or candidate not in self.candidates:
+            raise IllegalTransition(f"candidate {candidate} was not searched by this worker")
+        start = time.perf_counter()
+        weights, masks, state = self.population.candidate(self.candidates.index(candidate))
+        single = self._new_net(1)
+        single.load_candidate(0, weights, masks, state)
+        acc = fit(
+            single,
+            self.train_split,
+            self.val_split,
+            self.cfg.train,
+            seed=self.cfg.seed,
+            task=self.ctx.task,
+            stage="train",
+            epochs=self.cfg.train.epochs,
+            schedule=True,
+            keep_best=True,
+            on_epoch=on_epoch,
+        )
+        self.single, self.single_candidate, self.float_acc = single, candidate, acc[0]
+        return TrainOutcome(candidate, acc[0], self.cfg.train.epochs, time.perf_counter() - start)
+
+    def quantize(self) -> QuantizedTask:
+        """Stage 3 (Algorithms 2-3): the smallest bit-width within δ of the float accuracy."""
+        if self.single is None or self.float_acc is None or self.single_candidate is None:
+            raise IllegalTransition("quantize() needs a trained winner: call train() first")
+        weights, masks, state = self.single.candidate(0)
+        probe = self._new_net(1)
+
+        def accuracy(dense: dict[str, torch.Tensor]) -> float:
+            probe.load_candidate(0, dense, masks, state)
+            return evaluate(probe, self.val_split, self.cfg.train.eval_batch_size)[0]
+
+        q = self.cfg.quantize
+        res: QuantResult = search_bit_width(
+            weights, masks, accuracy, self.float_acc, q.psi_min, q.b_max, q.delta, q.kmeans_iters
+        )
+        check = accuracy(dequantize(res.codebooks, masks, weights))
+        if check != res.quant_acc:
+            raise RuntimeError("quantised accuracy is not reproducible")
+        return QuantizedTask(
+            candidate=self.single_candidate,
+            bit_width=res.bits,
+            masks={k: v.cpu() for k, v in masks.items()},
+            codes={k: b.codes.cpu() for k, b in res.codebooks.items()},
+            codebooks={k: b.centroids.cpu() for k, b in res.codebooks.items()},
+            task_state={k: v.cpu() for k, v in state.items()},
+            float_acc=res.float_acc,
+            quant_acc=res.quant_acc,
+            within_delta=res.within_delta,
+            tried=res.tried,
+        )

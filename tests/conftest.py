@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny synthetic task stream and small configs (all CPU, seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qpacknet.config import RunConfig, validate
+from qpacknet.scenarios.base import Split, TaskData, TaskStream
+
+
+class BlobStream(TaskStream):
+    """Gaussian class clusters in ``dim`` features; each task permutes the features and
+    relabels the classes, so tasks genuinely differ (and would interfere if not isolated)."""
+
+    name = "blobs"
+
+    def __init__(
+        self, num_tasks: int = 3, dim: int = 12, classes: int = 4, n: int = 160, seed: int = 0
+    ) -> None:
+        self.input_shape = (dim,)
+        self.num_classes = classes
+        self._n = num_tasks
+        g = torch.Generator().manual_seed(seed)
+        self._centers = torch.randn(classes, dim, generator=g) * 2.0
+        self._tasks = [self._make(t, n, seed) for t in range(num_tasks)]
+
+    @property
+    def num_tasks(self) -> int:
+        return self._n
+
+    def _make(self, t: int, n: int, seed: int) -> TaskData:
+        g = torch.Generator().manual_seed(seed * 1000 + t + 1)
+        perm = torch.randperm(self.input_shape[0], generator=g)
+        relabel = torch.randperm(self.num_classes, generator=g)
+
+        def split(m: int) -> Split:
+            y = torch.randint(0, self.num_classes, (m,), generator=g)
+            x = self._centers[y] + torch.randn(m, self.input_shape[0], generator=g)
+            return Split(x[:, perm].contiguous(), relabel[y])
+
+        return TaskData(t, f"blobs-{t}", self.num_classes, split(n), split(n // 4), split(n // 2))
+
+    def task(self, index: int) -> TaskData:
+        return self._tasks[index]
+
+
+def tiny_config(**sections: dict) -> RunConfig:
+    """A config small enough for unit tests; ``sections`` override top-level sections."""
+    data: dict = {
+        "seed": 3,
+        "device": "cpu",
+        "scenario": {"name": "digits", "num_tasks": 3},
+        "net": {"hidden": [16, 16]},
+        "search": {"population": 4, "epochs": 2},
+        "train": {"epochs": 3, "batch_size": 16, "lr": 0.05, "lr_min": 0.001},
+        "quantize": {"psi_min": 1, "b_max": 8, "delta": 2.0},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return validate(data)
+
+
+@pytest.fixture
+def blobs() -> BlobStream:
+    return BlobStream()

@@ -1,0 +1,108 @@
+"""The pipeline end to end on a tiny stream: forget-free commits, honest metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qpacknet.executor import LocalExecutor
+from qpacknet.model import PackedModel
+from qpacknet.pipeline import MODEL_FILE, Pipeline
+from qpacknet.progress import Progress
+from tests.conftest import BlobStream, tiny_config
+
+
+def _pipeline(tmp_path: Path, stream: BlobStream, **over: dict) -> Pipeline:
+    cfg = tiny_config(**over)
+    return Pipeline(cfg, stream, LocalExecutor(), tmp_path, Progress(verbose=False))
+
+
+def test_old_tasks_logits_bit_identical_from_reloaded_file(tmp_path: Path) -> None:
+    stream = BlobStream(num_tasks=4)
+    probe = torch.randn(50, 12, generator=torch.Generator().manual_seed(9))
+    pipe = _pipeline(tmp_path, stream)
+    recorded: list[torch.Tensor] = []
+    for t in range(stream.num_tasks):
+        pipe.learn_task(t)
+        model = PackedModel.load(tmp_path / MODEL_FILE)
+        assert model.num_tasks == t + 1
+        recorded.append(model.logits(t, probe))
+        for j in range(t + 1):
+            again = PackedModel.load(tmp_path / MODEL_FILE).logits(j, probe)
+            assert torch.equal(again, recorded[j]), f"task {j} changed after task {t}"
+    assert pipe.matrix.bwt == 0.0
+    # every row was re-evaluated from the model: each diagonal equals a fresh evaluation
+    model = PackedModel.load(tmp_path / MODEL_FILE)
+    for j in range(stream.num_tasks):
+        assert pipe.matrix.rows[-1][j] == model.accuracy(j, stream.test_split(j))
+
+
+def test_tasks_learn_their_own_function(tmp_path: Path) -> None:
+    stream = BlobStream(num_tasks=2)
+    pipe = _pipeline(tmp_path, stream, train={"epochs": 8})
+    pipe.run()
+    model = PackedModel.load(tmp_path / MODEL_FILE)
+    for j in range(2):
+        assert model.accuracy(j, stream.test_split(j)) > 70.0
+    # task 0's head on task 1's data is much worse than task 1's own sub-network
+    x1 = stream.test_split(1)
+    assert model.accuracy(1, x1) > model.accuracy(0, x1) + 10.0
+
+
+def test_results_json_and_determinism(tmp_path: Path) -> None:
+    stream = BlobStream(num_tasks=2)
+    a = _pipeline(tmp_path / "a", stream).run()
+    b = _pipeline(tmp_path / "b", BlobStream(num_tasks=2)).run()
+    on_disk = json.loads((tmp_path / "a" / "results.json").read_text())
+    for key in (
+        "scenario",
+        "config",
+        "accuracy_matrix",
+        "acc",
+        "bwt",
+        "capacity_pct",
+        "packed_bytes",
+        "tasks",
+        "seconds_total",
+        "hardware",
+    ):
+        assert key in on_disk
+    task = on_disk["tasks"][0]
+    for key in (
+        "task",
+        "bit_width",
+        "density",
+        "candidates",
+        "winner",
+        "float_acc",
+        "quant_acc",
+        "seconds",
+    ):
+        assert key in task
+    assert set(task["seconds"]) >= {"search", "train", "quantize", "commit"}
+    assert len(task["candidates"]) == 4
+    assert set(task["candidates"][0]) >= {"acc", "sparsity", "score"}
+    assert on_disk["packed_bytes"] == (tmp_path / "a" / MODEL_FILE).stat().st_size
+    assert on_disk["bwt"] == 0.0
+    assert [len(r) for r in on_disk["accuracy_matrix"]] == [1, 2]
+    for key in ("accuracy_matrix", "acc", "capacity_pct", "packed_bytes"):
+        assert a[key] == b[key]
+    assert [t["winner"] for t in a["tasks"]] == [t["winner"] for t in b["tasks"]]
+    assert (tmp_path / "a" / MODEL_FILE).read_bytes() == (tmp_path / "b" / MODEL_FILE).read_bytes()
+
+
+def test_winner_has_the_best_score_and_commit_uses_available_weights(tmp_path: Path) -> None:
+    stream = BlobStream(num_tasks=3)
+    pipe = _pipeline(tmp_path, stream, quantize={"b_max": 8, "psi_min": 8, "delta": 100.0})
+    pipe.run()
+    for rep in pipe.task_reports:
+        scores = [c["score"] for c in rep["candidates"]]
+        assert rep["winner"] == scores.index(max(scores))
+        assert rep["bit_width"] == 8
+    for spec in pipe.store.layers:
+        used = pipe.store.used_bits[spec.name]
+        assert int(used.max()) <= 32
+        owners = sum(pipe.store.mask(t)[spec.name].long() for t in range(3))
+        assert torch.equal(used, owners * 8)

@@ -1,0 +1,78 @@
+"""k-means codebooks and the bit-width search (Algorithms 2-3)."""
+
+from __future__ import annotations
+
+import torch
+
+from qpacknet.quantize import dequantize, kmeans_1d, search_bit_width
+
+
+def test_kmeans_exact_when_values_fit_the_codebook() -> None:
+    v = torch.tensor([0.5, -1.0, 0.5, 2.0, -1.0, 3.25])
+    book = kmeans_1d(v, bits=2)
+    assert book.centroids.shape == (4,)
+    assert torch.equal(book.values(), v)
+    assert torch.all(book.centroids[1:] >= book.centroids[:-1])
+
+
+def test_kmeans_pads_codebook_and_codes_fit_width() -> None:
+    v = torch.tensor([1.0, 1.0, 1.0])
+    book = kmeans_1d(v, bits=3)
+    assert book.centroids.shape == (8,)
+    assert torch.equal(book.values(), v)
+    w = torch.randn(5000, generator=torch.Generator().manual_seed(0))
+    for bits in (1, 2, 4, 6):
+        b = kmeans_1d(w, bits)
+        assert int(b.codes.max()) < 2**bits and b.centroids.numel() == 2**bits
+    err = [float((kmeans_1d(w, b).values() - w).abs().mean()) for b in (1, 2, 3, 4, 5)]
+    assert err == sorted(err, reverse=True)
+
+
+def test_kmeans_assigns_nearest_centroid() -> None:
+    w = torch.randn(2000, generator=torch.Generator().manual_seed(1))
+    book = kmeans_1d(w, 3)
+    dist = (w[:, None] - book.centroids[None, :]).abs()
+    assert torch.equal(dist.gather(1, book.codes[:, None]).squeeze(1), dist.min(dim=1).values)
+
+
+def _case() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    # 8 well-separated clusters: 3 bits reproduce them exactly, fewer bits cannot.
+    g = torch.Generator().manual_seed(0)
+    base = torch.arange(8, dtype=torch.float32) * 10.0
+    w = base[torch.randint(0, 8, (6, 7), generator=g)]
+    mask = torch.rand(6, 7, generator=g) > 0.3
+    w = w * mask
+    return {"fc0": w}, {"fc0": mask}
+
+
+def test_search_returns_smallest_width_within_delta() -> None:
+    weights, masks = _case()
+
+    def accuracy(dense: dict[str, torch.Tensor]) -> float:
+        err = float((dense["fc0"] - weights["fc0"]).abs().max())
+        return 90.0 - err  # exact weights: 90; coarser codebooks lose more
+
+    res = search_bit_width(weights, masks, accuracy, 90.0, psi_min=1, b_max=8, delta=0.5)
+    assert (res.bits, res.within_delta, res.quant_acc) == (3, True, 90.0)
+    assert [b for b, _ in res.tried] == [1, 2, 3]
+    assert all(a < 89.5 for b, a in res.tried if b < 3)
+    loose = search_bit_width(weights, masks, accuracy, 90.0, psi_min=1, b_max=8, delta=12.0)
+    assert (loose.bits, loose.within_delta) == (2, True)
+    assert loose.quant_acc == dict(res.tried)[2]
+    start2 = search_bit_width(weights, masks, accuracy, 90.0, psi_min=2, b_max=8, delta=0.5)
+    assert [b for b, _ in start2.tried] == [2, 3]
+
+
+def test_search_falls_back_to_b_max_and_reports_drop() -> None:
+    weights, masks = _case()
+    res = search_bit_width(weights, masks, lambda d: 10.0, 90.0, psi_min=1, b_max=4, delta=1.0)
+    assert res.bits == 4 and not res.within_delta and res.quant_acc == 10.0
+    assert [b for b, _ in res.tried] == [1, 2, 3, 4]
+
+
+def test_dequantize_places_centroids_only_on_mask() -> None:
+    weights, masks = _case()
+    books = {"fc0": kmeans_1d(weights["fc0"][masks["fc0"]], 3)}
+    dense = dequantize(books, masks, weights)
+    assert torch.equal(dense["fc0"], weights["fc0"])
+    assert torch.all(dense["fc0"][~masks["fc0"]] == 0)
