@@ -1,0 +1,101 @@
+"""The real entry point on tiny settings (like Mammoth's debug mode)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from qpacknet.model import PackedModel
+from qpacknet.scenarios import PermutedDigits
+
+
+def _qpacknet() -> list[str]:
+    script = Path(sys.executable).parent / "qpacknet"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("qpacknet")
+    return [found] if found else [sys.executable, "-m", "qpacknet"]
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*_qpacknet(), *args], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+def test_digits_preset_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _run("run", "--preset", "digits", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy matrix" in proc.stdout and "BWT 0.00" in proc.stdout
+    assert "task 4 SEARCH candidates 0-5 epoch 4/4" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["scenario"] == "digits" and len(res["tasks"]) == 4
+    assert res["bwt"] == 0.0
+    assert res["acc"] > 85.0
+    assert 0 < res["capacity_pct"] < 100
+    assert res["packed_bytes"] == (out / "model.safetensors").stat().st_size
+    # the saved model reproduces the last row of the matrix
+    stream = PermutedDigits(num_tasks=4, val_fraction=0.15, seed=0)
+    model = PackedModel.load(out / "model.safetensors")
+    last = [model.accuracy(j, stream.test_split(j)) for j in range(4)]
+    assert last == res["accuracy_matrix"][-1]
+    # the same run dir is never overwritten
+    again = _run("run", "--preset", "digits", "--out", str(out))
+    assert again.returncode == 2 and "already holds a model" in again.stderr
+
+
+def test_missing_mnist_offline_says_what_to_put_where(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    proc = _run(
+        "run",
+        "--preset",
+        "pmnist-quick",
+        "--data-dir",
+        str(blocker / "data"),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert proc.returncode == 2
+    for name in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
+        assert name in proc.stderr
+    assert "MNIST/raw" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_presets_and_config_commands() -> None:
+    proc = _run("presets")
+    assert proc.returncode == 0 and proc.stdout.split() == ["digits", "pmnist", "pmnist-quick"]
+    proc = _run("config", "--preset", "pmnist", "--set", "search.population=4")
+    assert proc.returncode == 0 and "population: 4" in proc.stdout
+
+
+def test_predict_matches_logits_argmax(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    assert (
+        _run(
+            "run",
+            "--preset",
+            "digits",
+            "--set",
+            "scenario.num_tasks=2",
+            "--out",
+            str(out),
+            "--quiet",
+        ).returncode
+        == 0
+    )
+    model = PackedModel.load(out / "model.safetensors")
+    x = PermutedDigits(num_tasks=2, val_fraction=0.15).test_split(1).x
+    assert torch.equal(model.predict(1, x), model.logits(1, x).argmax(-1))
