@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="data root (else $QPACKNET_DATA, else ./data)")
     run.add_argument("--seed", type=int, help="run seed (overrides the config's)")
     run.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    run.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="where candidates train (overrides executor.kind)",
+    )
     show = sub.add_parser("config", help="print the resolved config as YAML")
     src2 = show.add_mutually_exclusive_group(required=True)
     src2.add_argument("--preset")
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: RunConfig, args: argparse.Namespace) -> int:
     import torch
 
-    from qpacknet.executor import LocalExecutor
+    from qpacknet.executor import Executor, LocalExecutor
     from qpacknet.pipeline import MODEL_FILE, Pipeline, resolve_device
     from qpacknet.progress import Progress
     from qpacknet.scenarios import build_stream
@@ -88,7 +93,13 @@ def _run(cfg: RunConfig, args: argparse.Namespace) -> int:
     device = resolve_device(cfg.device)
     stream = build_stream(cfg.scenario, cfg.seed, args.data_dir, device)
     progress = Progress(verbose=not args.quiet)
-    pipeline = Pipeline(cfg, stream, LocalExecutor(), out, progress, preset=args.preset)
+    if cfg.executor.kind == "ray":
+        from qpacknet.cluster import RayExecutor
+
+        executor: Executor = RayExecutor(cfg.executor)
+    else:
+        executor = LocalExecutor()
+    pipeline = Pipeline(cfg, stream, executor, out, progress, preset=args.preset)
     results = pipeline.run()
     _summary(results, pipeline, out)
     return 0

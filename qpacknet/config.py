@@ -100,12 +100,31 @@ class QuantizeConfig(_Strict):
 
 
 class ExecutorConfig(_Strict):
-    """Where candidates are trained. ``candidates_per_worker`` chunks the population."""
+    """Where candidates are trained.
 
-    kind: Literal["local"] = "local"
+    ``candidates_per_worker`` chunks the population: each worker (an in-process object or a
+    Ray actor) trains its chunk as one population. The Ray settings say how many actors to
+    start and what each one reserves; ``"auto"`` means as many actors as the cluster fits and
+    one GPU per actor when the cluster has GPUs (DESIGN.md §7: one process per GPU is the
+    efficient default; fractions are for small models and tests).
+    """
+
+    kind: Literal["local", "ray"] = "local"
     candidates_per_worker: int | None = Field(
-        None, ge=1, description="candidates trained as one population; None = all"
+        None, ge=1, description="candidates trained as one population; None = all in one"
     )
+    workers: int | Literal["auto"] = Field("auto", description="Ray actors (or 'auto')")
+    gpus_per_worker: float | Literal["auto"] = Field("auto", description="GPUs per actor")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per actor")
+    max_retries: int = Field(3, ge=0, description="re-runs of a chunk whose actor died")
+
+    @model_validator(mode="after")
+    def _check(self) -> ExecutorConfig:
+        if isinstance(self.workers, int) and self.workers < 1:
+            raise ValueError(f"workers must be >= 1 or 'auto', got {self.workers}")
+        if isinstance(self.gpus_per_worker, float) and self.gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        return self
 
 
 class RunConfig(_Strict):

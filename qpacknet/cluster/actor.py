@@ -1,0 +1,90 @@
+"""The candidate actor: a :class:`~qpacknet.worker.CandidateWorker` per chunk, kept alive
+across the stages of a task so the winner continues where it stopped (no weights shipped)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from qpacknet.scenarios.base import TaskData
+from qpacknet.search import CandidateResult
+from qpacknet.train import EpochReport
+from qpacknet.worker import CandidateWorker, QuantizedTask, TaskContext, TrainOutcome
+
+
+class CandidateActor:
+    """Plain class; :class:`~qpacknet.cluster.ray_executor.RayExecutor` wraps it with
+    ``ray.remote`` and the configured resources."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self._ctx: TaskContext | None = None
+        self._data: TaskData | None = None
+        self._workers: dict[int, CandidateWorker] = {}
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        rt = ray.get_runtime_context()
+        return {
+            "node_id": rt.get_node_id(),
+            "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda": torch.cuda.is_available(),
+            "threads": torch.get_num_threads(),
+        }
+
+    def begin_task(self, ctx: TaskContext, data: TaskData) -> int:
+        device = "cuda" if torch.cuda.is_available() and ctx.device.startswith("cuda") else "cpu"
+        self._ctx = TaskContext(
+            ctx.config, ctx.task, ctx.input_shape, ctx.num_classes, ctx.available, device
+        )
+        self._data = data
+        self._workers = {}
+        return os.getpid()
+
+    def search(self, chunk: list[int]) -> tuple[list[CandidateResult], list[EpochReport]]:
+        _maybe_die()
+        if self._ctx is None or self._data is None:
+            raise RuntimeError("begin_task() was not called on this actor")
+        reports: list[EpochReport] = []
+        worker = CandidateWorker(self._ctx, self._data.train, self._data.val)
+        results = worker.search(chunk, reports.append)
+        self._workers[chunk[0]] = worker
+        return results, reports
+
+    def _holder(self, candidate: int) -> CandidateWorker:
+        for worker in self._workers.values():
+            if worker.holds(candidate):
+                return worker
+        raise RuntimeError(f"this actor does not hold candidate {candidate}")
+
+    def train(self, winner: int) -> tuple[TrainOutcome, list[EpochReport]]:
+        worker = self._holder(winner)
+        self._workers = {0: worker}
+        reports: list[EpochReport] = []
+        return worker.train(winner, reports.append), reports
+
+    def quantize(self, winner: int) -> QuantizedTask:
+        return self._holder(winner).quantize()
+
+    def end_task(self) -> None:
+        self._ctx, self._data, self._workers = None, None, {}
+
+
+FAULT_MARKER_ENV = "QPACKNET_TEST_DIE_ONCE"
+
+
+def _maybe_die() -> None:
+    """Fault injection for tests (Ray's marker-file pattern): if the file named by
+    ``$QPACKNET_TEST_DIE_ONCE`` exists, remove it and kill this process mid-search."""
+    marker = os.environ.get(FAULT_MARKER_ENV)
+    if marker:
+        try:
+            os.unlink(marker)
+        except FileNotFoundError:
+            return
+        os._exit(1)

@@ -1,0 +1,76 @@
+"""The Ray executor plugs into the unchanged pipeline and gives the local executor's result."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+
+from qpacknet.cluster import RayExecutor
+from qpacknet.executor import LocalExecutor
+from qpacknet.pipeline import MODEL_FILE, Pipeline
+from qpacknet.progress import Progress
+from tests.conftest import BlobStream, tiny_config
+
+FAULT_ENV = "QPACKNET_TEST_DIE_ONCE"
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    marker_dir = tmp_path_factory.mktemp("faults")
+    ray.init(
+        num_cpus=2,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        runtime_env={"env_vars": {FAULT_ENV: str(marker_dir / "die")}},
+        logging_level="ERROR",
+    )
+    yield marker_dir
+    ray.shutdown()
+
+
+def _run(tmp: Path, executor: object, **over: dict) -> dict:
+    cfg = tiny_config(
+        executor={
+            "candidates_per_worker": 2,
+            "workers": 2,
+            "cpus_per_worker": 1,
+            "gpus_per_worker": 0,
+        },
+        **over,
+    )
+    return Pipeline(cfg, BlobStream(num_tasks=2), executor, tmp, Progress(verbose=False)).run()
+
+
+def test_same_winner_and_packed_model_as_local(tmp_path: Path, local_ray: Path) -> None:
+    cfg = tiny_config(executor={"candidates_per_worker": 2})
+    local = _run(tmp_path / "local", LocalExecutor())
+    remote_exec = RayExecutor(cfg.executor.model_copy(update={"workers": 2, "gpus_per_worker": 0}))
+    remote = _run(tmp_path / "ray", remote_exec)
+    assert [t["winner"] for t in remote["tasks"]] == [t["winner"] for t in local["tasks"]]
+    assert remote["accuracy_matrix"] == local["accuracy_matrix"]
+    assert (tmp_path / "ray" / MODEL_FILE).read_bytes() == (
+        tmp_path / "local" / MODEL_FILE
+    ).read_bytes()
+    assert remote["executor"] == "ray"
+
+
+def test_killed_actor_is_replaced_and_search_ends_with_same_winner(
+    tmp_path: Path, local_ray: Path
+) -> None:
+    baseline = _run(tmp_path / "base", LocalExecutor())
+    (local_ray / "die").write_text("candidate actor: exit once")
+    ex = RayExecutor(
+        tiny_config(
+            executor={"candidates_per_worker": 2, "workers": 2, "gpus_per_worker": 0}
+        ).executor
+    )
+    res = _run(tmp_path / "faulty", ex)
+    assert not (local_ray / "die").exists(), "the fault was never injected"
+    assert ex.restarts >= 1
+    assert [t["winner"] for t in res["tasks"]] == [t["winner"] for t in baseline["tasks"]]
+    assert res["accuracy_matrix"] == baseline["accuracy_matrix"]
+    assert os.environ.get(FAULT_ENV) is None
