@@ -222,7 +222,7 @@ class Pipeline:
         timer.seconds["evaluate"] = time.perf_counter() - t0
         cap = self.store.capacity()
         self.progress.task_done(t, row, cap.capacity_pct)
-        self._record(t, results, sc, winner, q, timer)
+        self._record(t, results, sc, winner, q, timer, cap.per_task[t].pct)
 
     def _check_search(self, results: list[CandidateResult]) -> None:
         expected = list(range(self.config.search.population))
@@ -250,6 +250,7 @@ class Pipeline:
         winner: int,
         q: QuantizedTask,
         timer: _Timer,
+        capacity_pct: float,
     ) -> None:
         for key in ("train_seconds", "eval_seconds", "candidate_epochs"):
             setattr(self.totals, key, getattr(self.totals, key) + getattr(timer, key))
@@ -269,7 +270,7 @@ class Pipeline:
                 "quant_acc": q.quant_acc,
                 "within_delta": q.within_delta,
                 "bits_tried": [{"bits": b, "acc": a} for b, a in q.tried],
-                "capacity_pct": self.store.capacity().per_task[t].pct,
+                "capacity_pct": capacity_pct,
                 "seconds": dict(timer.seconds),
                 "candidate_epochs": timer.candidate_epochs,
                 "training_seconds": timer.train_seconds,

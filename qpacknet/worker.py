@@ -16,10 +16,9 @@ import torch
 from qpacknet.config import RunConfig
 from qpacknet.errors import IllegalTransition
 from qpacknet.nets import PopulationNet, build
-from qpacknet.quantize import QuantResult, dequantize, search_bit_width
+from qpacknet.quantize import QuantResult, search_bit_width
 from qpacknet.scenarios.base import Split
 from qpacknet.search import CandidateResult, draw_mask, weighted_sparsity
-from qpacknet.store import LayerSpec
 from qpacknet.train import EpochCallback, evaluate, fit
 
 
@@ -76,10 +75,6 @@ class CandidateWorker:
 
     def _new_net(self, k: int) -> PopulationNet:
         return build(self.cfg.net, self.ctx.input_shape, self.ctx.num_classes, k).to(self.device)
-
-    @property
-    def layers(self) -> list[LayerSpec]:
-        return self._new_net(1).layer_specs
 
     def search(
         self, candidates: list[int], on_epoch: EpochCallback | None = None
@@ -169,9 +164,6 @@ class CandidateWorker:
         res: QuantResult = search_bit_width(
             weights, masks, accuracy, self.float_acc, q.psi_min, q.b_max, q.delta, q.kmeans_iters
         )
-        check = accuracy(dequantize(res.codebooks, masks, weights))
-        if check != res.quant_acc:
-            raise RuntimeError("quantised accuracy is not reproducible")
         return QuantizedTask(
             candidate=self.single_candidate,
             bit_width=res.bits,
