@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: RunConfig, args: argparse.Namespace) -> int:
     import torch
 
+    from qpacknet.checkpoint import CHECKPOINT_FILE
     from qpacknet.executor import Executor, LocalExecutor
     from qpacknet.pipeline import MODEL_FILE, Pipeline, resolve_device
     from qpacknet.progress import Progress
@@ -83,10 +84,10 @@ def _run(cfg: RunConfig, args: argparse.Namespace) -> int:
         if args.out
         else Path("runs") / (f"{args.preset or cfg.scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     )
-    if (out / MODEL_FILE).exists():
+    if (out / MODEL_FILE).exists() and not (out / CHECKPOINT_FILE).exists():
         raise UsageError(
-            f"{out} already holds a model ({MODEL_FILE}); "
-            "pass a new --out, or move that run away first"
+            f"{out} already holds a model ({MODEL_FILE}) that no run checkpoint describes; "
+            "pass a new --out, or move that file away first"
         )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

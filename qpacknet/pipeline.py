@@ -19,7 +19,9 @@ import torch
 import yaml
 
 from qpacknet import __version__
+from qpacknet.checkpoint import check_same_config, load_checkpoint, save_checkpoint, truncate
 from qpacknet.config import RunConfig
+from qpacknet.errors import ModelFileError
 from qpacknet.executor import Executor
 from qpacknet.fileio import atomic_write_json, atomic_write_text
 from qpacknet.metrics import AccuracyMatrix
@@ -114,6 +116,7 @@ class Pipeline:
         self.matrix = AccuracyMatrix()
         self.task_reports: list[dict[str, Any]] = []
         self.totals = _Timer()
+        self._seconds_before = 0.0
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -127,14 +130,59 @@ class Pipeline:
         )
         num_tasks = min(self.config.scenario.num_tasks, self.stream.num_tasks)
         self.progress.run_start(self.stream.name, num_tasks, self.executor.name, self.device)
+        first = self._resume()
+        if first:
+            self.progress.line(
+                f"resuming after task {first}: tasks 1..{first} are committed in {self.model_path}"
+            )
         try:
-            for t in range(num_tasks):
+            for t in range(first, num_tasks):
                 self.learn_task(t)
+                self._checkpoint(time.perf_counter() - start)
         finally:
             self.executor.close()
-        results = self._results(time.perf_counter() - start)
+        results = self._results(time.perf_counter() - start + self._seconds_before)
         atomic_write_json(self.out_dir / RESULTS_FILE, results)
         return results
+
+    def _resume(self) -> int:
+        """Load the committed tasks of an interrupted run in ``out_dir``; the next task index."""
+        state = load_checkpoint(self.out_dir)
+        if state is None:
+            return 0
+        check_same_config(state, self.config.model_dump(mode="json"), self.out_dir)
+        if not self.model_path.exists():
+            raise ModelFileError(
+                f"{self.out_dir} has a checkpoint but no {MODEL_FILE}; use a new --out"
+            )
+        self.store = truncate(PackedStore.load(self.model_path), len(state["tasks"]))
+        self.model = PackedModel(self.store, self.device, self.config.train.eval_batch_size)
+        self.matrix.rows = [list(r) for r in state["matrix"]]
+        self.task_reports = list(state["tasks"])
+        t = state["totals"]
+        self.totals = _Timer(
+            dict(t["seconds"]), t["train_seconds"], t["eval_seconds"], t["candidate_epochs"]
+        )
+        self._seconds_before = float(state["seconds"])
+        return len(self.task_reports)
+
+    def _checkpoint(self, seconds: float) -> None:
+        tot = self.totals
+        save_checkpoint(
+            self.out_dir,
+            {
+                "config": self.config.model_dump(mode="json"),
+                "matrix": self.matrix.rows,
+                "tasks": self.task_reports,
+                "seconds": self._seconds_before + seconds,
+                "totals": {
+                    "seconds": tot.seconds,
+                    "train_seconds": tot.train_seconds,
+                    "eval_seconds": tot.eval_seconds,
+                    "candidate_epochs": tot.candidate_epochs,
+                },
+            },
+        )
 
     def learn_task(self, t: int) -> None:
         """Run task ``t`` through all four stages and add its accuracy-matrix row."""

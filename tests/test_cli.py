@@ -45,9 +45,26 @@ def test_digits_preset_end_to_end(tmp_path: Path) -> None:
     model = PackedModel.load(out / "model.safetensors")
     last = [model.accuracy(j, stream.test_split(j)) for j in range(4)]
     assert last == res["accuracy_matrix"][-1]
-    # the same run dir is never overwritten
+    # re-running a finished run resumes after its last task: nothing is re-learned
+    model_bytes = (out / "model.safetensors").read_bytes()
     again = _run("run", "--preset", "digits", "--out", str(out))
-    assert again.returncode == 2 and "already holds a model" in again.stderr
+    assert again.returncode == 0, again.stderr
+    assert "resuming after task 4" in again.stdout and "SEARCH" not in again.stdout
+    assert (out / "model.safetensors").read_bytes() == model_bytes
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["accuracy_matrix"] == res["accuracy_matrix"] and res2["tasks"] == res["tasks"]
+    # other settings into the same dir are refused, and nothing is overwritten
+    other = _run("run", "--preset", "digits", "--set", "search.population=3", "--out", str(out))
+    assert other.returncode == 2 and "different configuration" in other.stderr
+    assert "search" in other.stderr
+    assert (out / "model.safetensors").read_bytes() == model_bytes
+
+
+def test_foreign_model_file_is_not_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"precious")
+    proc = _run("run", "--preset", "digits", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "already holds a model" in proc.stderr
+    assert (tmp_path / "model.safetensors").read_bytes() == b"precious"
 
 
 def test_missing_mnist_offline_says_what_to_put_where(tmp_path: Path) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
+from qpacknet.errors import ModelFileError
 from qpacknet.executor import LocalExecutor
 from qpacknet.model import PackedModel
 from qpacknet.pipeline import MODEL_FILE, Pipeline
@@ -106,3 +108,58 @@ def test_winner_has_the_best_score_and_commit_uses_available_weights(tmp_path: P
         assert int(used.max()) <= 32
         owners = sum(pipe.store.mask(t)[spec.name].long() for t in range(3))
         assert torch.equal(used, owners * 8)
+
+
+def _without_timings(res: dict) -> dict:
+    res = json.loads(json.dumps(res))
+    for key in ("seconds_total", "seconds_by_stage", "throughput", "hardware"):
+        res.pop(key)
+    for task in res["tasks"]:
+        task.pop("seconds")
+        task.pop("training_seconds")
+    return res
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_driver_crash_then_resume_equals_uninterrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: int
+) -> None:
+    full = _pipeline(tmp_path / "full", BlobStream(num_tasks=3)).run()
+    original = Pipeline.learn_task
+
+    def dying(self: Pipeline, t: int) -> None:
+        if t == crash_at:
+            raise _Crash(f"driver died before task {t}")
+        original(self, t)
+
+    monkeypatch.setattr(Pipeline, "learn_task", dying)
+    with pytest.raises(_Crash):
+        _pipeline(tmp_path / "cut", BlobStream(num_tasks=3)).run()
+    assert not (tmp_path / "cut" / "results.json").exists()
+    monkeypatch.setattr(Pipeline, "learn_task", original)
+    resumed = _pipeline(tmp_path / "cut", BlobStream(num_tasks=3)).run()
+    assert _without_timings(resumed) == _without_timings(full)
+    assert (tmp_path / "cut" / MODEL_FILE).read_bytes() == (
+        tmp_path / "full" / MODEL_FILE
+    ).read_bytes()
+
+
+def test_crash_between_model_and_checkpoint_relearns_the_task(tmp_path: Path) -> None:
+    full = _pipeline(tmp_path / "full", BlobStream(num_tasks=2)).run()
+    cut = _pipeline(tmp_path / "cut", BlobStream(num_tasks=2))
+    cut.learn_task(0)
+    cut._checkpoint(1.0)
+    cut.learn_task(1)  # model saved with 2 tasks, checkpoint still says 1
+    resumed = _pipeline(tmp_path / "cut", BlobStream(num_tasks=2)).run()
+    assert _without_timings(resumed) == _without_timings(full)
+
+
+def test_damaged_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    _pipeline(tmp_path, BlobStream(num_tasks=1)).run()
+    (tmp_path / "checkpoint.json").write_text('{"format": "qpacknet-checkpoint", "vers')
+    with pytest.raises(ModelFileError, match=r"checkpoint\.json is damaged"):
+        _pipeline(tmp_path, BlobStream(num_tasks=1)).run()
