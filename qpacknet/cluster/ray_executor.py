@@ -26,6 +26,22 @@ from qpacknet.worker import QuantizedTask, TaskContext, TrainOutcome
 
 log = logging.getLogger(__name__)
 _ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_loopback() -> None:
+    """Make Ray keep a 127.0.0.1 cluster address instead of rewriting it to the machine's
+    external IP (where nothing listens when the cluster is bound to loopback). Ray reads the
+    switch ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once at import, so set both."""
+    from ray._private import ray_constants
+
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    return host in ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def connect(address: str | None = None) -> bool:
@@ -36,6 +52,8 @@ def connect(address: str | None = None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     quiet = {"log_to_driver": True, "logging_level": logging.WARNING, "configure_logging": True}
     if address:
+        if _is_loopback(address):
+            keep_loopback()
         ray.init(address=address, **quiet)
         return False
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **quiet)
@@ -61,6 +79,9 @@ class RayExecutor(Executor):
         self._winner_actor: Any = None
         self._winner: int | None = None
         self.restarts = 0
+        self.actors_started = 0
+        self.placements: dict[int, str] = {}
+        self._node_of: dict[Any, str] = {}
         self.on_chunk = on_chunk
 
     @property
@@ -90,7 +111,14 @@ class RayExecutor(Executor):
         remote = ray.remote(CandidateActor).options(
             num_cpus=self.cfg.cpus_per_worker, num_gpus=gpus, max_restarts=0, max_task_retries=0
         )
+        self.actors_started += 1
         return remote.remote(threads)
+
+    def _node(self, actor: Any) -> str:
+        """The node id an actor runs on (asked once per actor)."""
+        if actor not in self._node_of:
+            self._node_of[actor] = ray.get(actor.info.remote())["node_id"]
+        return self._node_of[actor]
 
     def actor_info(self) -> list[dict[str, Any]]:
         return ray.get([a.info.remote() for a in self._actors])
@@ -161,6 +189,7 @@ class RayExecutor(Executor):
             for r in chunk_results:
                 self._holder[r.index] = actor
                 self._chunk_of[r.index] = chunk
+                self.placements[r.index] = self._node(actor)
             if self.on_chunk is not None:
                 self.on_chunk(chunk_results)
             results.extend(chunk_results)
