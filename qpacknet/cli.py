@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "presets":
             print("\n".join(preset_names()))
             return 0
-        cfg = load_config(args.preset, args.config, args.overrides, getattr(args, "seed", None))
+        overrides = list(args.overrides)
+        if getattr(args, "executor", None):
+            overrides.append(f"executor.kind={args.executor}")
+        cfg = load_config(args.preset, args.config, overrides, getattr(args, "seed", None))
         if args.command == "config":
             import yaml
 
