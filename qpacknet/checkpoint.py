@@ -52,11 +52,18 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any] | None:
     return data
 
 
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that must match to continue a run; the task count may grow."""
+    ident = json.loads(json.dumps(config))
+    ident.get("scenario", {}).pop("num_tasks", None)
+    return ident
+
+
 def check_same_config(data: dict[str, Any], config: dict[str, Any], out_dir: Path) -> None:
-    if data["config"] != config:
-        changed = sorted(
-            k for k in set(data["config"]) | set(config) if data["config"].get(k) != config.get(k)
-        )
+    """Refuse to continue a run under other settings (a longer task stream is allowed)."""
+    old, new = _identity(data["config"]), _identity(config)
+    if old != new:
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise UsageError(
             f"{out_dir} holds a run with a different configuration (differs in: "
             f"{', '.join(changed)}); resume with the same settings or use a new --out"

@@ -115,13 +115,17 @@ class ExecutorConfig(_Strict):
     )
     workers: int | Literal["auto"] = Field("auto", description="Ray actors (or 'auto')")
     gpus_per_worker: float | Literal["auto"] = Field("auto", description="GPUs per actor")
-    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per actor")
+    cpus_per_worker: float | Literal["auto"] = Field(
+        "auto", description="CPUs (and torch threads) per actor; auto: 1 with GPUs, else a share"
+    )
     max_retries: int = Field(3, ge=0, description="re-runs of a chunk whose actor died")
 
     @model_validator(mode="after")
     def _check(self) -> ExecutorConfig:
         if isinstance(self.workers, int) and self.workers < 1:
             raise ValueError(f"workers must be >= 1 or 'auto', got {self.workers}")
+        if isinstance(self.cpus_per_worker, float) and self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be > 0 or 'auto', got {self.cpus_per_worker}")
         if isinstance(self.gpus_per_worker, float) and self.gpus_per_worker < 0:
             raise ValueError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
         return self

@@ -21,7 +21,7 @@ import yaml
 from qpacknet import __version__
 from qpacknet.checkpoint import check_same_config, load_checkpoint, save_checkpoint, truncate
 from qpacknet.config import RunConfig
-from qpacknet.errors import ModelFileError
+from qpacknet.errors import ModelFileError, UsageError
 from qpacknet.executor import Executor
 from qpacknet.fileio import atomic_write_json, atomic_write_text
 from qpacknet.metrics import AccuracyMatrix
@@ -151,6 +151,11 @@ class Pipeline:
         if state is None:
             return 0
         check_same_config(state, self.config.model_dump(mode="json"), self.out_dir)
+        if len(state["tasks"]) > self.config.scenario.num_tasks:
+            raise UsageError(
+                f"{self.out_dir} already holds {len(state['tasks'])} tasks, more than "
+                f"scenario.num_tasks={self.config.scenario.num_tasks}; use a new --out"
+            )
         if not self.model_path.exists():
             raise ModelFileError(
                 f"{self.out_dir} has a checkpoint but no {MODEL_FILE}; use a new --out"

@@ -116,3 +116,37 @@ def test_predict_matches_logits_argmax(tmp_path: Path) -> None:
     model = PackedModel.load(out / "model.safetensors")
     x = PermutedDigits(num_tasks=2, val_fraction=0.15).test_split(1).x
     assert torch.equal(model.predict(1, x), model.logits(1, x).argmax(-1))
+
+
+def test_add_task_job_extends_a_run_like_a_longer_run(tmp_path: Path) -> None:
+    short, full = tmp_path / "short", tmp_path / "full"
+    base = ["run", "--preset", "digits", "--quiet"]
+    assert _run(*base, "--set", "scenario.num_tasks=2", "--out", str(short)).returncode == 0
+    x = PermutedDigits(num_tasks=2, val_fraction=0.15).test_split(0).x
+    before = PackedModel.load(short / "model.safetensors").logits(0, x)
+    add = subprocess.run(
+        [sys.executable, "jobs/add_task.py", "--out", str(short), "--executor", "local"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert add.returncode == 0, add.stderr
+    assert "resuming after task 2" in add.stdout and "task 3/3 committed" in add.stdout
+    assert _run(*base, "--set", "scenario.num_tasks=3", "--out", str(full)).returncode == 0
+    extended = PackedModel.load(short / "model.safetensors")
+    assert extended.num_tasks == 3
+    assert torch.equal(extended.logits(0, x), before)
+    a = json.loads((short / "results.json").read_text())
+    b = json.loads((full / "results.json").read_text())
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    assert [t["winner"] for t in a["tasks"]] == [t["winner"] for t in b["tasks"]]
+    assert (short / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
+    missing = subprocess.run(
+        [sys.executable, "jobs/add_task.py", "--out", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert missing.returncode == 2 and "holds no qpacknet run" in missing.stderr

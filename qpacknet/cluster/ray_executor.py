@@ -80,6 +80,7 @@ class RayExecutor(Executor):
         self._winner: int | None = None
         self.restarts = 0
         self.actors_started = 0
+        self._planned = 1
         self.placements: dict[int, str] = {}
         self._node_of: dict[Any, str] = {}
         self.on_chunk = on_chunk
@@ -98,21 +99,31 @@ class RayExecutor(Executor):
             return min(int(self.cfg.workers), wanted)
         res = ray.cluster_resources()
         gpus = self._gpus()
-        fit = (
-            int(res.get("GPU", 0) // gpus)
-            if gpus > 0
-            else int(res.get("CPU", 1) // self.cfg.cpus_per_worker)
-        )
+        if gpus > 0:
+            fit = int(res.get("GPU", 0) // gpus)
+        elif self.cfg.cpus_per_worker == "auto":
+            fit = int(res.get("CPU", 1))
+        else:
+            fit = int(res.get("CPU", 1) // self.cfg.cpus_per_worker)
         return max(1, min(fit, wanted))
+
+    def _cpus(self) -> float:
+        """CPUs per actor: as configured, or with ``"auto"`` one per actor on GPU clusters and
+        an equal share of the cluster's CPUs otherwise (never more threads than cores)."""
+        if self.cfg.cpus_per_worker != "auto":
+            return float(self.cfg.cpus_per_worker)
+        if self._gpus() > 0:
+            return 1.0
+        return float(max(1, int(ray.cluster_resources().get("CPU", 1)) // self._planned))
 
     def _new_actor(self) -> Any:
         gpus = self._gpus()
-        threads = max(1, int(self.cfg.cpus_per_worker))
+        cpus = self._cpus()
         remote = ray.remote(CandidateActor).options(
-            num_cpus=self.cfg.cpus_per_worker, num_gpus=gpus, max_restarts=0, max_task_retries=0
+            num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0
         )
         self.actors_started += 1
-        return remote.remote(threads)
+        return remote.remote(max(1, int(cpus)))
 
     def _node(self, actor: Any) -> str:
         """The node id an actor runs on (asked once per actor)."""
@@ -127,6 +138,7 @@ class RayExecutor(Executor):
         cfg = ctx.config
         n_chunks = len(chunks(cfg.search.population, cfg.executor.candidates_per_worker))
         want = self._slots(n_chunks)
+        self._planned = max(want, len(self._actors))
         while len(self._actors) < want:
             self._actors.append(self._new_actor())
         device = "cuda" if self._gpus() > 0 else "cpu"
