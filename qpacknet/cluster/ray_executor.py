@@ -206,7 +206,7 @@ class RayExecutor(Executor):
                 self.on_chunk(chunk_results)
             results.extend(chunk_results)
             idle.append(actor)
-        return results
+        return sorted(results, key=lambda r: r.index)
 
     def _forget(self, actor: Any) -> None:
         """Drop the candidates a dead actor held (they are re-trained if one is needed)."""
