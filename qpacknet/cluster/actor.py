@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from qpacknet.cluster.transfer import unpack_task
 from qpacknet.scenarios.base import TaskData
 from qpacknet.search import CandidateResult
 from qpacknet.train import EpochReport
@@ -37,12 +38,12 @@ class CandidateActor:
             "threads": torch.get_num_threads(),
         }
 
-    def begin_task(self, ctx: TaskContext, data: TaskData) -> int:
+    def begin_task(self, ctx: TaskContext, packed: dict[str, Any]) -> int:
         device = "cuda" if torch.cuda.is_available() and ctx.device.startswith("cuda") else "cpu"
         self._ctx = TaskContext(
             ctx.config, ctx.task, ctx.input_shape, ctx.num_classes, ctx.available, device
         )
-        self._data = data
+        self._data = unpack_task(packed)
         self._workers = {}
         return os.getpid()
 

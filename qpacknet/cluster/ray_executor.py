@@ -18,6 +18,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from qpacknet.cluster.actor import CandidateActor
+from qpacknet.cluster.transfer import pack_task
 from qpacknet.config import ExecutorConfig
 from qpacknet.executor import ChunkEpochCallback, Executor, chunks
 from qpacknet.scenarios.base import TaskData
@@ -145,7 +146,7 @@ class RayExecutor(Executor):
         self._ctx = TaskContext(
             ctx.config, ctx.task, ctx.input_shape, ctx.num_classes, ctx.available, device
         )
-        self._data_ref = ray.put(data.to("cpu"))
+        self._data_ref = ray.put(pack_task(data))
         self._holder, self._chunk_of = {}, {}
         self._winner_actor, self._winner = None, None
         ray.get([a.begin_task.remote(self._ctx, self._data_ref) for a in self._actors])
