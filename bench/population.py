@@ -21,8 +21,8 @@ from qpacknet.config import load_config
 from qpacknet.nets import build
 from qpacknet.pipeline import hardware, resolve_device
 from qpacknet.scenarios.base import Split
-from qpacknet.search import draw_mask
 from qpacknet.train import fit
+from qpacknet.worker import init_population
 
 
 def data(data_dir: str | None, device: str, limit: int | None) -> tuple[Split, Split, str]:
@@ -54,25 +54,11 @@ def main() -> None:
     device = resolve_device(args.device)
     train, val, source = data(args.data_dir, device, args.train_limit)
     k = args.candidates
-    avail = None
 
     def make(cands: list[int]) -> torch.nn.Module:
-        nonlocal avail
         net = build(cfg.net, (784,), 10, len(cands)).to(device)
-        if avail is None:
-            avail = {s.name: torch.ones(s.shape, dtype=torch.bool) for s in net.layer_specs}
-        net.init_candidates(cfg.seed, 0, cands)
-        net.set_masks(
-            [
-                {
-                    n: m.to(device)
-                    for n, m in draw_mask(
-                        net.layer_specs, avail, cfg.search, cfg.seed, 0, c
-                    ).items()
-                }
-                for c in cands
-            ]
-        )
+        avail = {s.name: torch.ones(s.shape, dtype=torch.bool) for s in net.layer_specs}
+        init_population(net, avail, cfg, 0, cands)
         return net
 
     def run(nets: list[torch.nn.Module]) -> tuple[float, list[float]]:

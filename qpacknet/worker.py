@@ -58,6 +58,24 @@ class QuantizedTask:
     tried: list[tuple[int, float]] = field(default_factory=list)
 
 
+def init_population(
+    net: PopulationNet,
+    available: dict[str, torch.Tensor],
+    cfg: RunConfig,
+    task: int,
+    candidates: list[int],
+) -> list[dict[str, torch.Tensor]]:
+    """Algorithm 1's start for ``candidates``: draw each one's mask among the available
+    weights and give it fresh Xavier weights; returns the masks (on the CPU)."""
+    masks = [
+        draw_mask(net.layer_specs, available, cfg.search, cfg.seed, task, c) for c in candidates
+    ]
+    net.init_candidates(cfg.seed, task, candidates)
+    device = next(net.parameters()).device
+    net.set_masks([{k: v.to(device) for k, v in m.items()} for m in masks])
+    return masks
+
+
 class CandidateWorker:
     """Trains one chunk of candidates of one task; continues the winner if it holds it."""
 
@@ -83,19 +101,7 @@ class CandidateWorker:
         if self.population is not None:
             raise IllegalTransition("this worker already searched its chunk")
         net = self._new_net(len(candidates))
-        masks = [
-            draw_mask(
-                net.layer_specs,
-                self.ctx.available,
-                self.cfg.search,
-                self.cfg.seed,
-                self.ctx.task,
-                c,
-            )
-            for c in candidates
-        ]
-        net.init_candidates(self.cfg.seed, self.ctx.task, candidates)
-        net.set_masks([{k: v.to(self.device) for k, v in m.items()} for m in masks])
+        masks = init_population(net, self.ctx.available, self.cfg, self.ctx.task, candidates)
         accs = fit(
             net,
             self.train_split,

@@ -7,20 +7,17 @@ import torch
 from qpacknet.config import TrainConfig
 from qpacknet.executor import LocalExecutor
 from qpacknet.nets import PopulationMLP
-from qpacknet.search import draw_mask
 from qpacknet.train import fit
-from qpacknet.worker import TaskContext
+from qpacknet.worker import TaskContext, init_population
 from tests.conftest import BlobStream, tiny_config
 
 
 def _population(k: int, dtype: torch.dtype) -> tuple[PopulationMLP, BlobStream]:
     stream = BlobStream(num_tasks=1, dim=12, classes=4, n=96)
     net = PopulationMLP(12, [10, 8], 4, k).to(dtype)
-    cfg = tiny_config()
+    cfg = tiny_config(seed=7)
     avail = {s.name: torch.ones(s.shape, dtype=torch.bool) for s in net.layer_specs}
-    masks = [draw_mask(net.layer_specs, avail, cfg.search, 7, 0, c) for c in range(k)]
-    net.init_candidates(7, 0, list(range(k)))
-    net.set_masks(masks)
+    init_population(net, avail, cfg, 0, list(range(k)))
     return net, stream
 
 

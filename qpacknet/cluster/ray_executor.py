@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -64,12 +63,7 @@ def connect(address: str | None = None) -> bool:
 class RayExecutor(Executor):
     """Candidate actors on the Ray cluster; see the module docstring."""
 
-    def __init__(
-        self,
-        cfg: ExecutorConfig,
-        address: str | None = None,
-        on_chunk: Callable[[list[CandidateResult]], None] | None = None,
-    ) -> None:
+    def __init__(self, cfg: ExecutorConfig, address: str | None = None) -> None:
         self.cfg = cfg
         self._started = connect(address)
         self._actors: list[Any] = []
@@ -84,7 +78,6 @@ class RayExecutor(Executor):
         self._planned = 1
         self.placements: dict[int, str] = {}
         self._node_of: dict[Any, str] = {}
-        self.on_chunk = on_chunk
 
     @property
     def name(self) -> str:
@@ -131,9 +124,6 @@ class RayExecutor(Executor):
         if actor not in self._node_of:
             self._node_of[actor] = ray.get(actor.info.remote())["node_id"]
         return self._node_of[actor]
-
-    def actor_info(self) -> list[dict[str, Any]]:
-        return ray.get([a.info.remote() for a in self._actors])
 
     def begin_task(self, ctx: TaskContext, data: TaskData) -> None:
         cfg = ctx.config
@@ -203,8 +193,6 @@ class RayExecutor(Executor):
                 self._holder[r.index] = actor
                 self._chunk_of[r.index] = chunk
                 self.placements[r.index] = self._node(actor)
-            if self.on_chunk is not None:
-                self.on_chunk(chunk_results)
             results.extend(chunk_results)
             idle.append(actor)
         return sorted(results, key=lambda r: r.index)
