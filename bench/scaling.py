@@ -21,7 +21,7 @@ import torch
 from qpacknet.cluster import RayExecutor
 from qpacknet.config import load_config
 from qpacknet.pipeline import hardware
-from qpacknet.scenarios.base import Split, TaskData
+from qpacknet.scenarios.base import InMemoryStream, Split, TaskData
 from qpacknet.worker import TaskContext
 
 
@@ -72,7 +72,7 @@ def main() -> None:
             "fc1": torch.ones(100, 100, dtype=torch.bool),
         }
         ctx = TaskContext(cfg, 0, (784,), 10, avail)
-        ex.begin_task(ctx, data)  # actors start here: not timed
+        ex.begin_task(ctx, InMemoryStream("bench", [data]))  # actors start here: not timed
         start = time.perf_counter()
         results = sorted(ex.search(), key=lambda r: r.index)
         seconds = time.perf_counter() - start

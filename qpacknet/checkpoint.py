@@ -15,9 +15,9 @@ from typing import Any
 
 from qpacknet.errors import ModelFileError, UsageError
 from qpacknet.fileio import atomic_write_json
+from qpacknet.layout import CHECKPOINT_FILE
 from qpacknet.store import PackedStore
 
-CHECKPOINT_FILE = "checkpoint.json"
 FORMAT = "qpacknet-checkpoint"
 VERSION = 1
 
@@ -53,9 +53,11 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any] | None:
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    """The settings that must match to continue a run; the task count may grow."""
+    """The settings that must match to continue a run: the task count may grow, and where the
+    candidates train (executor) does not change what they learn."""
     ident = json.loads(json.dumps(config))
     ident.get("scenario", {}).pop("num_tasks", None)
+    ident.pop("executor", None)
     return ident
 
 

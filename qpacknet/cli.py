@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,25 @@ def _parser() -> argparse.ArgumentParser:
         choices=["local", "ray"],
         help="where candidates train (overrides executor.kind)",
     )
+    tune = sub.add_parser(
+        "tune",
+        help="tune the method's settings with Ray Tune (ASHA on ACC, Pareto table)",
+        description="Each trial is a whole run of the base settings with sampled values; "
+        "the finished trials' ACC vs capacity trade-off is printed as a Pareto table.",
+    )
+    base = tune.add_mutually_exclusive_group(required=True)
+    base.add_argument("--preset", help="base settings: a shipped preset")
+    base.add_argument("--config", help="base settings: a YAML file")
+    base.add_argument(
+        "--resume", action="store_true", help="continue the experiment --name in --storage"
+    )
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    tune.add_argument("--space", help="a tune space YAML (default: the shipped 'method' space)")
+    tune.add_argument("--samples", type=int, help="number of trials (overrides the space's)")
+    tune.add_argument("--name", default="qpacknet-tune", help="experiment name")
+    tune.add_argument("--storage", default="runs/tune", help="where experiments live")
+    tune.add_argument("--data-dir", help="data root (else $QPACKNET_DATA, else ./data)")
+    tune.add_argument("--seed", type=int, help="run seed of every trial")
     show = sub.add_parser("config", help="print the resolved config as YAML")
     src2 = show.add_mutually_exclusive_group(required=True)
     src2.add_argument("--preset")
@@ -55,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "presets":
             print("\n".join(preset_names()))
             return 0
+        if args.command == "tune":
+            return _tune(args)
         overrides = list(args.overrides)
         if getattr(args, "executor", None):
             overrides.append(f"executor.kind={args.executor}")
@@ -73,14 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _run(cfg: RunConfig, args: argparse.Namespace) -> int:
-    import torch
-
-    from qpacknet.checkpoint import CHECKPOINT_FILE
-    from qpacknet.executor import Executor, LocalExecutor
-    from qpacknet.pipeline import MODEL_FILE, Pipeline, resolve_device
-    from qpacknet.progress import Progress
-    from qpacknet.scenarios import build_stream
+def _out_dir(cfg: RunConfig, args: argparse.Namespace) -> Path:
+    from qpacknet.layout import CHECKPOINT_FILE, MODEL_FILE
 
     out = (
         Path(args.out)
@@ -92,20 +108,92 @@ def _run(cfg: RunConfig, args: argparse.Namespace) -> int:
             f"{out} already holds a model ({MODEL_FILE}) that no run checkpoint describes; "
             "pass a new --out, or move that file away first"
         )
+    return out
+
+
+def _load(cfg: RunConfig, data_dir: str | None) -> tuple[Any, str]:
+    """Import torch, set its threads, and build the task stream: ``(stream, device)``."""
+    import torch
+
+    from qpacknet.pipeline import resolve_device
+    from qpacknet.scenarios import build_stream
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    stream = build_stream(cfg.scenario, cfg.seed, args.data_dir, device)
-    progress = Progress(verbose=not args.quiet)
-    if cfg.executor.kind == "ray":
-        from qpacknet.cluster import RayExecutor
+    return build_stream(cfg.scenario, cfg.seed, data_dir, device), device
 
-        executor: Executor = RayExecutor(cfg.executor)
+
+def _ray_executor(cfg: RunConfig, data_dir: str | None) -> tuple[Any, Any]:
+    """Start (or join) Ray on this thread while another imports torch and loads the data;
+    then start the candidate actors. Returns ``(executor, stream)``."""
+    try:
+        from qpacknet.cluster.connect import connect
+    except ImportError as exc:
+        raise UsageError(
+            f"the Ray executor needs Ray ({exc}); install it with "
+            "pip install 'ray[default,tune]==2.60.0', or pass --executor local"
+        ) from None
+
+    with ThreadPoolExecutor(1, thread_name_prefix="qpacknet-load") as pool:
+        loading = pool.submit(_load, cfg, data_dir)
+        owns_ray = connect()
+        try:
+            stream, _ = loading.result()
+            from qpacknet.cluster import RayExecutor
+
+            executor = RayExecutor(
+                cfg.executor, population=cfg.search.population, owns_ray=owns_ray
+            )
+        except BaseException:
+            if owns_ray:
+                import ray
+
+                ray.shutdown()
+            raise
+    return executor, stream
+
+
+def _run(cfg: RunConfig, args: argparse.Namespace) -> int:
+    out = _out_dir(cfg, args)
+    if cfg.executor.kind == "ray":
+        executor, stream = _ray_executor(cfg, args.data_dir)
     else:
+        from qpacknet.executor import LocalExecutor
+
+        stream, _ = _load(cfg, args.data_dir)
         executor = LocalExecutor()
-    pipeline = Pipeline(cfg, stream, executor, out, progress, preset=args.preset)
-    results = pipeline.run()
+
+    from qpacknet.pipeline import Pipeline
+    from qpacknet.progress import Progress
+
+    progress = Progress(verbose=not args.quiet)
+    try:
+        pipeline = Pipeline(cfg, stream, executor, out, progress, preset=args.preset)
+        results = pipeline.run()
+    finally:
+        executor.close()
     _summary(results, pipeline, out)
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from qpacknet.tuning.runner import run_tune
+    from qpacknet.tuning.space import load_spec
+
+    if args.resume:
+        if args.overrides or args.space or args.samples or args.seed is not None:
+            raise UsageError(
+                "--resume continues a saved experiment as it was; drop the other "
+                "settings (--set, --space, --samples, --seed)"
+            )
+        run_tune(None, None, name=args.name, storage=args.storage, data_dir=None, resume=True)
+        return 0
+    base = load_config(args.preset, args.config, args.overrides, args.seed)
+    if args.samples is not None and args.samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {args.samples}")
+    spec = load_spec(args.space, {"num_samples": args.samples})
+    run_tune(base, spec, name=args.name, storage=args.storage, data_dir=args.data_dir, resume=False)
     return 0
 
 

@@ -109,7 +109,9 @@ class ExecutorConfig(_Strict):
     efficient default; fractions are for small models and tests).
     """
 
-    kind: Literal["local", "ray"] = "local"
+    kind: Literal["local", "ray"] = Field(
+        "ray", description="ray: actors on the Ray cluster (embedded if none); local: in-process"
+    )
     candidates_per_worker: int | None = Field(
         None, ge=1, description="candidates trained as one population; None = all in one"
     )
@@ -154,7 +156,7 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(text: str, where: str) -> dict[str, Any]:
+def read_yaml(text: str, where: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -170,26 +172,19 @@ def preset_dict(name: str) -> dict[str, Any]:
     if name not in preset_names():
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
     text = resources.files(PRESETS_PACKAGE).joinpath(f"{name}.yaml").read_text()
-    return _read_yaml(text, f"preset {name!r}")
+    return read_yaml(text, f"preset {name!r}")
 
 
 def file_dict(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
-    return _read_yaml(p.read_text(), f"config file {str(p)!r}")
+    return read_yaml(p.read_text(), f"config file {str(p)!r}")
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b=value`` override in place; the value is parsed as YAML.
-
-    Keys must name existing settings (checked against :class:`RunConfig`), so a typo
-    fails here with the key in the message instead of being silently ignored.
-    """
-    if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} must look like key.path=value")
-    key, raw = assignment.split("=", 1)
-    key = key.strip()
+def check_key(key: str) -> None:
+    """Raise :class:`ConfigError` unless ``key`` (``a.b``) names a setting of :class:`RunConfig`,
+    so a typo fails with the key in the message instead of being silently ignored."""
     parts = key.split(".")
     model: type[BaseModel] | None = RunConfig
     for i, part in enumerate(parts):
@@ -204,10 +199,12 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
         if model is None and i < len(parts) - 1:
             raise ConfigError(f"unknown setting {key!r}: {'.'.join(parts[: i + 1])} is a value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"value of {key!r} is not valid YAML: {exc}") from exc
+
+
+def set_key(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted ``key`` to ``value`` in a settings mapping, in place (key checked first)."""
+    check_key(key)
+    parts = key.split(".")
     node = data
     for part in parts[:-1]:
         nxt = node.get(part)
@@ -218,18 +215,37 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b=value`` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key.path=value")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    check_key(key)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"value of {key!r} is not valid YAML: {exc}") from exc
+    set_key(data, key, value)
+
+
+def error_lines(exc: ValidationError, unknown: str) -> list[str]:
+    """One ``  dotted.key: message (got value)`` line per pydantic error; ``unknown`` is the
+    message for keys the model does not have."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = unknown if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {key}: {msg} (got {err.get('input')!r})")
+    return lines
+
+
 def validate(data: dict[str, Any]) -> RunConfig:
     """Validate a settings mapping; errors name each offending dotted key."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown setting (remove it or check its spelling)"
-            lines.append(f"  {key}: {msg} (got {err.get('input')!r})")
+        lines = error_lines(exc, "unknown setting (remove it or check its spelling)")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from qpacknet.scenarios.base import TaskData
+from qpacknet.scenarios.base import Split, TaskStream
 from qpacknet.search import CandidateResult
 from qpacknet.train import EpochReport
 from qpacknet.worker import CandidateWorker, QuantizedTask, TaskContext, TrainOutcome
@@ -28,8 +28,14 @@ class Executor(ABC):
     """Runs one task's stages. Calls come in order; each method's output is checked by the
     pipeline before the next stage starts."""
 
+    def begin_run(self, stream: TaskStream) -> None:  # noqa: B027 - optional hook
+        """Called once before the first task; an executor may ship the stream to its workers
+        (see :meth:`TaskStream.for_workers`) so that tasks need not be sent one by one."""
+
     @abstractmethod
-    def begin_task(self, ctx: TaskContext, data: TaskData) -> None: ...
+    def begin_task(self, ctx: TaskContext, stream: TaskStream) -> None:
+        """Prepare task ``ctx.task`` of ``stream``; may return before its data is ready
+        (the driver builds its own evaluation splits meanwhile)."""
 
     @abstractmethod
     def search(self, on_epoch: ChunkEpochCallback | None = None) -> list[CandidateResult]: ...
@@ -56,7 +62,7 @@ class LocalExecutor(Executor):
 
     def __init__(self) -> None:
         self._ctx: TaskContext | None = None
-        self._data: TaskData | None = None
+        self._splits: tuple[Split, Split] | None = None
         self._workers: list[CandidateWorker] = []
         self._winner: CandidateWorker | None = None
 
@@ -64,17 +70,17 @@ class LocalExecutor(Executor):
     def name(self) -> str:
         return "local"
 
-    def begin_task(self, ctx: TaskContext, data: TaskData) -> None:
-        self._ctx, self._data = ctx, data
+    def begin_task(self, ctx: TaskContext, stream: TaskStream) -> None:
+        self._ctx, self._splits = ctx, stream.fit_splits(ctx.task)
         self._workers, self._winner = [], None
 
     def search(self, on_epoch: ChunkEpochCallback | None = None) -> list[CandidateResult]:
-        if self._ctx is None or self._data is None:
+        if self._ctx is None or self._splits is None:
             raise RuntimeError("begin_task() first")
         cfg = self._ctx.config
         results: list[CandidateResult] = []
         for chunk in chunks(cfg.search.population, cfg.executor.candidates_per_worker):
-            worker = CandidateWorker(self._ctx, self._data.train, self._data.val)
+            worker = CandidateWorker(self._ctx, *self._splits)
             callback = None if on_epoch is None else (lambda rep, c=chunk: on_epoch(c, rep))
             results.extend(worker.search(chunk, callback))
             self._workers.append(worker)
@@ -97,4 +103,4 @@ class LocalExecutor(Executor):
         return self._winner.quantize()
 
     def end_task(self) -> None:
-        self._workers, self._winner, self._data = [], None, None
+        self._workers, self._winner, self._splits = [], None, None

@@ -24,9 +24,11 @@ from qpacknet.config import RunConfig
 from qpacknet.errors import ModelFileError, UsageError
 from qpacknet.executor import Executor
 from qpacknet.fileio import atomic_write_json, atomic_write_text
+from qpacknet.layout import CONFIG_FILE, MODEL_FILE, RESULTS_FILE
 from qpacknet.metrics import AccuracyMatrix
 from qpacknet.model import PackedModel
 from qpacknet.nets import build
+from qpacknet.observers import RunObserver, TaskCommitted
 from qpacknet.progress import Progress
 from qpacknet.scenarios.base import TaskStream
 from qpacknet.search import CandidateResult, scores, select_winner
@@ -35,9 +37,7 @@ from qpacknet.store import PackedStore
 from qpacknet.train import EpochReport
 from qpacknet.worker import QuantizedTask, TaskContext
 
-MODEL_FILE = "model.safetensors"
-RESULTS_FILE = "results.json"
-CONFIG_FILE = "config.yaml"
+__all__ = ["CONFIG_FILE", "MODEL_FILE", "RESULTS_FILE", "Pipeline", "hardware", "resolve_device"]
 
 
 def resolve_device(setting: str) -> str:
@@ -100,6 +100,7 @@ class Pipeline:
         out_dir: str | Path,
         progress: Progress | None = None,
         preset: str | None = None,
+        observers: list[RunObserver] | None = None,
     ) -> None:
         self.config = config
         self.stream = stream
@@ -107,6 +108,7 @@ class Pipeline:
         self.out_dir = Path(out_dir)
         self.progress = progress or Progress()
         self.preset = preset
+        self.observers = list(observers or [])
         self.device = resolve_device(config.device)
         probe = build(config.net, stream.input_shape, stream.num_classes, 1)
         self.store = PackedStore(
@@ -130,20 +132,39 @@ class Pipeline:
         )
         num_tasks = min(self.config.scenario.num_tasks, self.stream.num_tasks)
         self.progress.run_start(self.stream.name, num_tasks, self.executor.name, self.device)
-        first = self._resume()
-        if first:
-            self.progress.line(
-                f"resuming after task {first}: tasks 1..{first} are committed in {self.model_path}"
-            )
         try:
+            first = self._resume()
+            if first:
+                self.progress.line(
+                    f"resuming after task {first}: tasks 1..{first} are committed in "
+                    f"{self.model_path}"
+                )
+            self.executor.begin_run(self.stream)
             for t in range(first, num_tasks):
                 self.learn_task(t)
                 self._checkpoint(time.perf_counter() - start)
+                self._notify(t, num_tasks)
         finally:
             self.executor.close()
         results = self._results(time.perf_counter() - start + self._seconds_before)
         atomic_write_json(self.out_dir / RESULTS_FILE, results)
+        for obs in self.observers:
+            obs.run_finished(results)
         return results
+
+    def _notify(self, t: int, num_tasks: int) -> None:
+        event = TaskCommitted(
+            task=t,
+            num_tasks=num_tasks,
+            row=list(self.matrix.rows[t]),
+            acc=self.matrix.acc,
+            bwt=self.matrix.bwt,
+            capacity_pct=self.store.capacity().capacity_pct,
+            report=self.task_reports[t],
+            out_dir=self.out_dir,
+        )
+        for obs in self.observers:
+            obs.task_committed(event)
 
     def _resume(self) -> int:
         """Load the committed tasks of an interrupted run in ``out_dir``; the next task index."""
@@ -203,7 +224,6 @@ class Pipeline:
             self.progress.epoch(t, cands, rep)
 
         t0 = time.perf_counter()
-        data = self.stream.task(t)
         ctx = TaskContext(
             cfg,
             t,
@@ -212,7 +232,8 @@ class Pipeline:
             self.store.available(),
             self.device,
         )
-        self.executor.begin_task(ctx, data)
+        self.executor.begin_task(ctx, self.stream)
+        val = self.stream.val_split(t)
         timer.seconds["data"] = time.perf_counter() - t0
 
         stages.advance(Stage.SEARCH)
@@ -259,7 +280,7 @@ class Pipeline:
         t0 = time.perf_counter()
         task_id = self.store.commit(q.masks, q.codes, q.codebooks, q.bit_width, q.task_state)
         self.model.refresh()
-        packed_val = self.model.accuracy(task_id, data.val)
+        packed_val = self.model.accuracy(task_id, val)
         if packed_val != q.quant_acc:
             raise RuntimeError(
                 f"task {t}: packed model gives val acc {packed_val} but the "

@@ -91,7 +91,7 @@ def _search(per_worker: int | None) -> list[tuple[int, float, float]]:
         "fc0": torch.ones(16, 12, dtype=torch.bool),
         "fc1": torch.ones(16, 16, dtype=torch.bool),
     }
-    ex.begin_task(TaskContext(cfg, 0, (12,), 4, avail), stream.task(0))
+    ex.begin_task(TaskContext(cfg, 0, (12,), 4, avail), stream)
     return [(r.index, r.acc, r.sparsity) for r in ex.search()]
 
 

@@ -13,6 +13,7 @@ from qpacknet.cluster import RayExecutor
 from qpacknet.executor import LocalExecutor
 from qpacknet.pipeline import MODEL_FILE, Pipeline
 from qpacknet.progress import Progress
+from qpacknet.scenarios import PermutedDigits, TaskStream
 from tests.conftest import BlobStream, tiny_config
 
 FAULT_ENV = "QPACKNET_TEST_DIE_ONCE"
@@ -32,7 +33,13 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     ray.shutdown()
 
 
-def _run(tmp: Path, executor: object, **over: dict) -> dict:
+def _stream(kind: str) -> TaskStream:
+    """``blobs`` has no worker copy (each task's data is sent); ``digits`` has one (actors
+    rebuild each task from the stream they got once)."""
+    return BlobStream(num_tasks=2) if kind == "blobs" else PermutedDigits(num_tasks=2, seed=3)
+
+
+def _run(tmp: Path, executor: object, kind: str = "blobs") -> dict:
     cfg = tiny_config(
         executor={
             "candidates_per_worker": 2,
@@ -40,16 +47,21 @@ def _run(tmp: Path, executor: object, **over: dict) -> dict:
             "cpus_per_worker": 1,
             "gpus_per_worker": 0,
         },
-        **over,
     )
-    return Pipeline(cfg, BlobStream(num_tasks=2), executor, tmp, Progress(verbose=False)).run()
+    return Pipeline(cfg, _stream(kind), executor, tmp, Progress(verbose=False)).run()
 
 
-def test_same_winner_and_packed_model_as_local(tmp_path: Path, local_ray: Path) -> None:
+@pytest.mark.parametrize("kind", ["blobs", "digits"])
+def test_same_winner_and_packed_model_as_local(tmp_path: Path, local_ray: Path, kind: str) -> None:
     cfg = tiny_config(executor={"candidates_per_worker": 2})
-    local = _run(tmp_path / "local", LocalExecutor())
-    remote_exec = RayExecutor(cfg.executor.model_copy(update={"workers": 2, "gpus_per_worker": 0}))
-    remote = _run(tmp_path / "ray", remote_exec)
+    local = _run(tmp_path / "local", LocalExecutor(), kind)
+    remote_exec = RayExecutor(
+        cfg.executor.model_copy(update={"workers": 2, "gpus_per_worker": 0}),
+        population=cfg.search.population,
+    )
+    assert remote_exec.actors_started == 2, "population= must start the actors up front"
+    remote = _run(tmp_path / "ray", remote_exec, kind)
+    assert remote_exec.actors_started == 2
     assert [t["winner"] for t in remote["tasks"]] == [t["winner"] for t in local["tasks"]]
     assert remote["accuracy_matrix"] == local["accuracy_matrix"]
     assert (tmp_path / "ray" / MODEL_FILE).read_bytes() == (
@@ -58,17 +70,19 @@ def test_same_winner_and_packed_model_as_local(tmp_path: Path, local_ray: Path) 
     assert remote["executor"] == "ray"
 
 
+@pytest.mark.parametrize("kind", ["blobs", "digits"])
 def test_killed_actor_is_replaced_and_search_ends_with_same_winner(
-    tmp_path: Path, local_ray: Path
+    tmp_path: Path, local_ray: Path, kind: str
 ) -> None:
-    baseline = _run(tmp_path / "base", LocalExecutor())
+    """The replacement must also get the run's stream (``digits``) or the task's data."""
+    baseline = _run(tmp_path / "base", LocalExecutor(), kind)
     (local_ray / "die").write_text("candidate actor: exit once")
     ex = RayExecutor(
         tiny_config(
             executor={"candidates_per_worker": 2, "workers": 2, "gpus_per_worker": 0}
         ).executor
     )
-    res = _run(tmp_path / "faulty", ex)
+    res = _run(tmp_path / "faulty", ex, kind)
     assert not (local_ray / "die").exists(), "the fault was never injected"
     assert ex.restarts >= 1
     assert [t["winner"] for t in res["tasks"]] == [t["winner"] for t in baseline["tasks"]]

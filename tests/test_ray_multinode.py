@@ -10,7 +10,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from qpacknet.cluster import RayExecutor
-from qpacknet.cluster.ray_executor import keep_loopback
+from qpacknet.cluster.connect import keep_loopback
 from qpacknet.executor import LocalExecutor
 from qpacknet.pipeline import MODEL_FILE, Pipeline
 from qpacknet.progress import Progress

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from qpacknet.cluster.transfer import unpack_task
-from qpacknet.scenarios.base import TaskData
+from qpacknet.cluster.transfer import unpack_splits
+from qpacknet.scenarios.base import Split, TaskStream
 from qpacknet.search import CandidateResult
 from qpacknet.train import EpochReport
 from qpacknet.worker import CandidateWorker, QuantizedTask, TaskContext, TrainOutcome
@@ -23,7 +23,8 @@ class CandidateActor:
         if threads:
             torch.set_num_threads(threads)
         self._ctx: TaskContext | None = None
-        self._data: TaskData | None = None
+        self._stream: TaskStream | None = None
+        self._splits: tuple[Split, Split] | None = None
         self._workers: dict[int, CandidateWorker] = {}
 
     def info(self) -> dict[str, Any]:
@@ -38,21 +39,32 @@ class CandidateActor:
             "threads": torch.get_num_threads(),
         }
 
-    def begin_task(self, ctx: TaskContext, packed: dict[str, Any]) -> int:
+    def begin_run(self, stream: TaskStream) -> None:
+        """Keep the run's stream (see :meth:`TaskStream.for_workers`) to build tasks locally."""
+        self._stream = stream
+
+    def begin_task(self, ctx: TaskContext, packed: dict[str, Any] | None) -> int:
+        """Set up task ``ctx.task``; its splits come from ``packed`` when the driver sent
+        them, else this actor builds them from the run's stream."""
         device = "cuda" if torch.cuda.is_available() and ctx.device.startswith("cuda") else "cpu"
         self._ctx = TaskContext(
             ctx.config, ctx.task, ctx.input_shape, ctx.num_classes, ctx.available, device
         )
-        self._data = unpack_task(packed)
+        if packed is not None:
+            self._splits = unpack_splits(packed)
+        elif self._stream is not None:
+            self._splits = self._stream.fit_splits(ctx.task)
+        else:
+            raise RuntimeError("begin_task() without data needs begin_run() with a stream")
         self._workers = {}
         return os.getpid()
 
     def search(self, chunk: list[int]) -> tuple[list[CandidateResult], list[EpochReport]]:
         _maybe_die()
-        if self._ctx is None or self._data is None:
+        if self._ctx is None or self._splits is None:
             raise RuntimeError("begin_task() was not called on this actor")
         reports: list[EpochReport] = []
-        worker = CandidateWorker(self._ctx, self._data.train, self._data.val)
+        worker = CandidateWorker(self._ctx, *self._splits)
         results = worker.search(chunk, reports.append)
         self._workers[chunk[0]] = worker
         return results, reports
@@ -73,7 +85,7 @@ class CandidateActor:
         return self._holder(winner).quantize()
 
     def end_task(self) -> None:
-        self._ctx, self._data, self._workers = None, None, {}
+        self._ctx, self._splits, self._workers = None, None, {}
 
 
 FAULT_MARKER_ENV = "QPACKNET_TEST_DIE_ONCE"

@@ -1,73 +1,54 @@
 """Ray executor: the population is split into chunks, each trained by a candidate actor.
 
-Per task the driver puts the task's tensors in the object store once and hands the reference
-to every actor; actors take chunks from a queue (a population larger than the cluster's
-slots simply waits for a free actor). An actor that dies is replaced and its chunk re-run:
-training is a pure function of (seed, task, candidate, committed store), so the re-run gives
-the same result. The winner's actor continues with TRAIN and QUANTIZE on the state it holds.
+The stream's worker copy goes into the object store once per run and each actor builds a
+task's splits itself; streams without one have each task's tensors put in the object store once
+and the reference handed to every actor. Actors take chunks from a queue (a population larger
+than the cluster's slots simply waits for a free actor). An actor that dies is replaced and
+its chunk re-run: training is a pure function of (seed, task, candidate, committed store), so
+the re-run gives the same result. The winner's actor continues with TRAIN and QUANTIZE on the
+state it holds.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from qpacknet.cluster.actor import CandidateActor
-from qpacknet.cluster.transfer import pack_task
+from qpacknet.cluster.connect import connect
+from qpacknet.cluster.transfer import pack_splits
 from qpacknet.config import ExecutorConfig
 from qpacknet.executor import ChunkEpochCallback, Executor, chunks
-from qpacknet.scenarios.base import TaskData
+from qpacknet.scenarios.base import TaskStream
 from qpacknet.search import CandidateResult
 from qpacknet.worker import QuantizedTask, TaskContext, TrainOutcome
 
 log = logging.getLogger(__name__)
 _ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def keep_loopback() -> None:
-    """Make Ray keep a 127.0.0.1 cluster address instead of rewriting it to the machine's
-    external IP (where nothing listens when the cluster is bound to loopback). Ray reads the
-    switch ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once at import, so set both."""
-    from ray._private import ray_constants
-
-    os.environ[LOOPBACK_ENV] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-def _is_loopback(address: str) -> bool:
-    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
-    return host in ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-def connect(address: str | None = None) -> bool:
-    """Join the cluster named by ``address``/``RAY_ADDRESS`` (or the Ray job's own), else start
-    an embedded local instance bound to 127.0.0.1. Returns True if this call started Ray."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    quiet = {"log_to_driver": True, "logging_level": logging.WARNING, "configure_logging": True}
-    if address:
-        if _is_loopback(address):
-            keep_loopback()
-        ray.init(address=address, **quiet)
-        return False
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **quiet)
-    return True
 
 
 class RayExecutor(Executor):
     """Candidate actors on the Ray cluster; see the module docstring."""
 
-    def __init__(self, cfg: ExecutorConfig, address: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ExecutorConfig,
+        address: str | None = None,
+        population: int | None = None,
+        owns_ray: bool = False,
+    ) -> None:
+        """Connect to (or start) Ray; ``owns_ray`` says the caller started Ray for this run
+        (see :func:`~qpacknet.cluster.connect.connect`) and it is shut down on close. With
+        ``population`` the candidate actors start now, so that their imports overlap the
+        driver's data loading instead of delaying task 1."""
         self.cfg = cfg
-        self._started = connect(address)
+        self._started = connect(address) or owns_ray
         self._actors: list[Any] = []
         self._ctx: TaskContext | None = None
+        self._stream_ref: Any = None
         self._data_ref: Any = None
         self._holder: dict[int, Any] = {}
         self._chunk_of: dict[int, list[int]] = {}
@@ -78,6 +59,8 @@ class RayExecutor(Executor):
         self._planned = 1
         self.placements: dict[int, str] = {}
         self._node_of: dict[Any, str] = {}
+        if population is not None:
+            self._ensure_actors(population)
 
     @property
     def name(self) -> str:
@@ -111,13 +94,35 @@ class RayExecutor(Executor):
         return float(max(1, int(ray.cluster_resources().get("CPU", 1)) // self._planned))
 
     def _new_actor(self) -> Any:
+        """Start one actor (without waiting for it); it gets the run's stream if there is one."""
         gpus = self._gpus()
         cpus = self._cpus()
         remote = ray.remote(CandidateActor).options(
             num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0
         )
         self.actors_started += 1
-        return remote.remote(max(1, int(cpus)))
+        actor = remote.remote(max(1, int(cpus)))
+        if self._stream_ref is not None:
+            actor.begin_run.remote(self._stream_ref)
+        return actor
+
+    def _ensure_actors(self, population: int) -> None:
+        """As many actors as this population's chunks can use and the cluster fits."""
+        n_chunks = len(chunks(population, self.cfg.candidates_per_worker))
+        want = self._slots(n_chunks)
+        self._planned = max(want, len(self._actors))
+        while len(self._actors) < want:
+            self._actors.append(self._new_actor())
+
+    def begin_run(self, stream: TaskStream) -> None:
+        """Put the stream's worker copy in the object store once; actors then build each task
+        themselves and only the task context travels per task."""
+        shippable = stream.for_workers()
+        if shippable is None:
+            return
+        self._stream_ref = ray.put(shippable)
+        for actor in self._actors:
+            actor.begin_run.remote(self._stream_ref)
 
     def _node(self, actor: Any) -> str:
         """The node id an actor runs on (asked once per actor)."""
@@ -125,18 +130,14 @@ class RayExecutor(Executor):
             self._node_of[actor] = ray.get(actor.info.remote())["node_id"]
         return self._node_of[actor]
 
-    def begin_task(self, ctx: TaskContext, data: TaskData) -> None:
-        cfg = ctx.config
-        n_chunks = len(chunks(cfg.search.population, cfg.executor.candidates_per_worker))
-        want = self._slots(n_chunks)
-        self._planned = max(want, len(self._actors))
-        while len(self._actors) < want:
-            self._actors.append(self._new_actor())
+    def begin_task(self, ctx: TaskContext, stream: TaskStream) -> None:
+        self._ensure_actors(ctx.config.search.population)
         device = "cuda" if self._gpus() > 0 else "cpu"
         self._ctx = TaskContext(
             ctx.config, ctx.task, ctx.input_shape, ctx.num_classes, ctx.available, device
         )
-        self._data_ref = ray.put(pack_task(data))
+        if self._stream_ref is None:
+            self._data_ref = ray.put(pack_splits(*stream.fit_splits(ctx.task)))
         self._holder, self._chunk_of = {}, {}
         self._winner_actor, self._winner = None, None
         ray.get([a.begin_task.remote(self._ctx, self._data_ref) for a in self._actors])
@@ -261,4 +262,5 @@ class RayExecutor(Executor):
                 log.debug("actor already gone")
         self._actors = []
         if self._started:
+            self._started = False
             ray.shutdown()

@@ -15,27 +15,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from qpacknet.scenarios.base import Split, TaskData
+from qpacknet.scenarios.base import Split
 
-_SPLITS = ("train", "val", "test")
+_SPLITS = ("train", "val")
 
 
-def pack_task(data: TaskData) -> dict[str, Any]:
-    """``data`` as plain numpy arrays plus its scalars (CPU)."""
-    out: dict[str, Any] = {"index": data.index, "name": data.name, "num_classes": data.num_classes}
-    for split in _SPLITS:
-        part: Split = getattr(data, split)
-        out[f"{split}.x"] = part.x.detach().cpu().numpy()
-        out[f"{split}.y"] = part.y.detach().cpu().numpy()
+def pack_splits(train: Split, val: Split) -> dict[str, Any]:
+    """A task's train and validation splits as plain numpy arrays (CPU); the test split
+    stays with the driver, which alone evaluates the packed model."""
+    out: dict[str, Any] = {}
+    for name, part in zip(_SPLITS, (train, val), strict=True):
+        out[f"{name}.x"] = part.x.detach().cpu().numpy()
+        out[f"{name}.y"] = part.y.detach().cpu().numpy()
     return out
 
 
-def unpack_task(packed: dict[str, Any]) -> TaskData:
-    """The :class:`TaskData` back, copied once out of the read-only object-store memory
-    into the worker's own (batch gathers from shared memory measured slower)."""
+def unpack_splits(packed: dict[str, Any]) -> tuple[Split, Split]:
+    """``(train, val)`` back, copied once out of the read-only object-store memory into the
+    worker's own (batch gathers from shared memory measured slower)."""
 
     def tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(a, copy=True))
 
-    splits = {s: Split(tensor(packed[f"{s}.x"]), tensor(packed[f"{s}.y"])) for s in _SPLITS}
-    return TaskData(packed["index"], packed["name"], packed["num_classes"], **splits)
+    train, val = (Split(tensor(packed[f"{s}.x"]), tensor(packed[f"{s}.y"])) for s in _SPLITS)
+    return train, val

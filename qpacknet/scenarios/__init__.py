@@ -6,13 +6,14 @@ import torch
 
 from qpacknet.config import ScenarioConfig
 from qpacknet.errors import ConfigError
-from qpacknet.scenarios.base import Split, TaskData, TaskStream
+from qpacknet.scenarios.base import InMemoryStream, Split, TaskData, TaskStream
 from qpacknet.scenarios.datadir import is_writable, resolve_data_dir
 from qpacknet.scenarios.digits import PermutedDigits
 from qpacknet.scenarios.mnist_files import load_mnist
 from qpacknet.scenarios.pmnist import PermutedMNIST, PermutedStream
 
 __all__ = [
+    "InMemoryStream",
     "PermutedDigits",
     "PermutedMNIST",
     "PermutedStream",

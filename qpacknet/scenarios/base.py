@@ -71,3 +71,41 @@ class TaskStream(ABC):
     def test_split(self, index: int) -> Split:
         """Only the test split of task ``index`` (used to re-evaluate old tasks)."""
         return self.task(index).test
+
+    def val_split(self, index: int) -> Split:
+        """Only the validation split of task ``index`` (the driver checks COMMIT against it)."""
+        return self.task(index).val
+
+    def fit_splits(self, index: int) -> tuple[Split, Split]:
+        """Task ``index``'s ``(train, val)``: all that a candidate worker trains and selects on."""
+        task = self.task(index)
+        return task.train, task.val
+
+    def for_workers(self) -> TaskStream | None:
+        """A CPU copy of this stream that worker processes rebuild tasks from, sent to them once
+        per run; ``None`` (the default) when each task's data must be sent instead.
+
+        A stream that returns a copy promises that ``copy.fit_splits(t)`` in any process equals
+        the driver's ``task(t)`` splits bit for bit (they are derived from the seed alone).
+        """
+        return None
+
+
+class InMemoryStream(TaskStream):
+    """A stream over tasks already built in memory (benchmarks, small user streams)."""
+
+    def __init__(self, name: str, tasks: list[TaskData]) -> None:
+        if not tasks:
+            raise ValueError("an in-memory stream needs at least one task")
+        first = tasks[0]
+        self.name = name
+        self.input_shape = tuple(first.train.x.shape[1:])
+        self.num_classes = first.num_classes
+        self._tasks = list(tasks)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self._tasks)
+
+    def task(self, index: int) -> TaskData:
+        return self._tasks[index]

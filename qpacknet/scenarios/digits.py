@@ -7,7 +7,6 @@ get a real (if small) permuted-pixel stream with the same shape of pipeline as p
 from __future__ import annotations
 
 import torch
-from sklearn.datasets import load_digits
 
 from qpacknet.scenarios.pmnist import PermutedStream
 from qpacknet.seeding import generator
@@ -64,6 +63,8 @@ class PermutedDigits(PermutedStream):
         train_limit: int | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
+        from sklearn.datasets import load_digits  # 1 s import: only when this stream is used
+
         data = load_digits()
         x = torch.as_tensor(data.data, dtype=torch.float64) / 16.0
         x = ((x - x.mean()) / x.std()).to(torch.float32)

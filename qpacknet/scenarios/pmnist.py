@@ -7,6 +7,7 @@ split are derived from the run seed alone, so any process rebuilds exactly the s
 
 from __future__ import annotations
 
+import copy
 from abc import abstractmethod
 from pathlib import Path
 
@@ -121,11 +122,29 @@ class PermutedStream(TaskStream):
             self._test_cache[index] = split
         return split
 
-    def task(self, index: int) -> TaskData:
+    def val_split(self, index: int) -> Split:
+        index = self._check_index(index)
+        rows = self._val_idx
+        return self._split(self._train_x[rows], self._train_y[rows], self.permutation(index))
+
+    def fit_splits(self, index: int) -> tuple[Split, Split]:
         index = self._check_index(index)
         perm = self.permutation(index)
         train = self._split(self._train_x[self._train_idx], self._train_y[self._train_idx], perm)
         val = self._split(self._train_x[self._val_idx], self._train_y[self._val_idx], perm)
+        return train, val
+
+    def for_workers(self) -> PermutedStream:
+        """This stream on the CPU without its test cache: the base images (uint8 for MNIST,
+        47 MB) travel once per run instead of 170 MB of float32 features per task."""
+        clone = copy.copy(self)
+        clone.device = torch.device("cpu")
+        clone._test_cache = {}
+        return clone
+
+    def task(self, index: int) -> TaskData:
+        index = self._check_index(index)
+        train, val = self.fit_splits(index)
         return TaskData(
             index=index,
             name=f"{self.name}-{index}",

@@ -1,0 +1,107 @@
+"""Ray executor vs in-process executor on one preset, run alternately, compared side by side.
+
+Each repeat runs ``qpacknet run --preset P --executor ray`` and ``--executor local`` as
+separate processes (their order alternates between repeats so that drift in a shared
+machine's load hits both), times the whole command (Ray start and shutdown included), and
+reads the per-stage seconds from results.json. Prints the runs, the medians and the ratio
+ray / local, and checks that both executors wrote the same model bytes.
+
+    python bench/executors.py --data-dir ../shared/data --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qpacknet.pipeline import hardware
+
+KINDS = ("ray", "local")
+
+
+def run_once(kind: str, preset: str, data_dir: str | None, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "qpacknet", "run", "--preset", preset, "--quiet"]
+    cmd += ["--executor", kind, "--out", str(out)]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads((out / "results.json").read_text())
+    return {
+        "executor": kind,
+        "wall_seconds": wall,
+        "pipeline_seconds": res["seconds_total"],
+        "stages": res["seconds_by_stage"],
+        "acc": res["acc"],
+        "model": (out / "model.safetensors").read_bytes(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="pmnist-quick")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default="bench/out/executors.json")
+    args = ap.parse_args()
+
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.repeats):
+            order = KINDS if rep % 2 == 0 else KINDS[::-1]
+            for kind in order:
+                r = run_once(kind, args.preset, args.data_dir, Path(tmp) / f"{kind}-{rep}")
+                runs.append(r)
+                stages = " ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
+                print(
+                    f"repeat {rep} {kind:5s} wall {r['wall_seconds']:6.1f}s  "
+                    f"pipeline {r['pipeline_seconds']:6.1f}s  ({stages})  ACC {r['acc']:.2f}",
+                    flush=True,
+                )
+    same = len({r.pop("model") for r in runs}) == 1
+    med = {
+        k: statistics.median(r["wall_seconds"] for r in runs if r["executor"] == k) for k in KINDS
+    }
+    stage_names = list(runs[0]["stages"])
+    print()
+    print(f"{'median seconds':16s} {'ray':>8s} {'local':>8s} {'ray/local':>10s}")
+    print(f"{'wall':16s} {med['ray']:8.1f} {med['local']:8.1f} {med['ray'] / med['local']:10.3f}")
+    for name in stage_names:
+        m = {
+            k: statistics.median(r["stages"][name] for r in runs if r["executor"] == k)
+            for k in KINDS
+        }
+        ratio = m["ray"] / m["local"] if m["local"] else float("nan")
+        print(f"{name:16s} {m['ray']:8.1f} {m['local']:8.1f} {ratio:10.3f}")
+    print(f"same model bytes from every run: {same}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "runs": runs,
+                "median_wall_seconds": med,
+                "ratio_ray_over_local": med["ray"] / med["local"],
+                "same_model_bytes": same,
+                "hardware": hardware("cpu"),
+                "cpus": os.cpu_count(),
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Hooks that see a run's progress without being part of it (Tune reporting, tracking).
+
+The pipeline calls every observer after a task is committed and checkpointed, so an observer
+always sees a state that a resumed run would also reach; observers never change the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TaskCommitted:
+    """What a run knows right after task ``task`` (0-based) is committed and checkpointed."""
+
+    task: int
+    num_tasks: int
+    row: list[float]
+    acc: float
+    bwt: float
+    capacity_pct: float
+    report: dict[str, Any]
+    out_dir: Path
+
+
+class RunObserver:
+    """Base class with no-op hooks; override the ones you need."""
+
+    def task_committed(self, event: TaskCommitted) -> None:
+        """Called once per committed task, in task order."""
+
+    def run_finished(self, results: dict[str, Any]) -> None:
+        """Called with the final ``results.json`` content after it is written."""
