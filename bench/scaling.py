@@ -19,6 +19,7 @@ import ray
 import torch
 
 from qpacknet.cluster import RayExecutor
+from qpacknet.cluster.connect import keep_loopback
 from qpacknet.config import load_config
 from qpacknet.pipeline import hardware
 from qpacknet.scenarios.base import InMemoryStream, Split, TaskData
@@ -48,6 +49,7 @@ def main() -> None:
     args = ap.parse_args()
 
     data = task_data(args.data_dir, args.train_limit)
+    keep_loopback()
     ray.init(
         num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR"
     )

@@ -10,6 +10,7 @@ import pytest
 import ray
 
 from qpacknet.cluster import RayExecutor
+from qpacknet.cluster.connect import keep_loopback
 from qpacknet.executor import LocalExecutor
 from qpacknet.pipeline import MODEL_FILE, Pipeline
 from qpacknet.progress import Progress
@@ -22,6 +23,7 @@ FAULT_ENV = "QPACKNET_TEST_DIE_ONCE"
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     marker_dir = tmp_path_factory.mktemp("faults")
+    keep_loopback()
     ray.init(
         num_cpus=2,
         _node_ip_address="127.0.0.1",
@@ -29,6 +31,7 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         runtime_env={"env_vars": {FAULT_ENV: str(marker_dir / "die")}},
         logging_level="ERROR",
     )
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     yield marker_dir
     ray.shutdown()
 

@@ -72,6 +72,8 @@ def test_ray_job_submit_digits(head: str, tmp_path: Path) -> None:
             "submit",
             "--address",
             head,
+            "--submission-id",
+            "qpacknet-test-digits",
             "--working-dir",
             str(REPO),
             "--",
@@ -96,3 +98,20 @@ def test_ray_job_submit_digits(head: str, tmp_path: Path) -> None:
     assert res["executor"] == "ray"
     assert len(res["tasks"]) == 4 and res["bwt"] == 0.0 and res["acc"] > 85.0
     assert (out / "model.safetensors").stat().st_size == res["packed_bytes"]
+
+    logs = subprocess.run(
+        [RAY, "job", "logs", "--address", head, "qpacknet-test-digits"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert logs.returncode == 0, logs.stderr
+    lines = logs.stdout.splitlines()
+    # one line per candidate result, per stage, per task; nothing from Ray in between
+    assert sum(" candidate " in ln and "sparsity" in ln for ln in lines) == 4 * 6
+    for stage in ("SEARCH", "TRAIN", "QUANTIZE"):
+        assert sum(f" {stage} done in " in ln for ln in lines) == 4
+    assert sum("committed; test acc" in ln for ln in lines) == 4
+    noise = [ln for ln in lines if "WARNING" in ln or "ERROR" in ln or ln.startswith("(")]
+    assert not noise, noise
