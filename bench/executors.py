@@ -28,7 +28,7 @@ KINDS = ("ray", "local")
 
 def run_once(kind: str, preset: str, data_dir: str | None, out: Path) -> dict:
     cmd = [sys.executable, "-m", "qpacknet", "run", "--preset", preset, "--quiet"]
-    cmd += ["--executor", kind, "--out", str(out)]
+    cmd += ["--executor", kind, "--out", str(out), "--no-tracking"]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     start = time.perf_counter()

@@ -54,10 +54,12 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any] | None:
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
     """The settings that must match to continue a run: the task count may grow, and where the
-    candidates train (executor) does not change what they learn."""
+    candidates train (executor) and where the run is logged (tracking) do not change what is
+    learned."""
     ident = json.loads(json.dumps(config))
     ident.get("scenario", {}).pop("num_tasks", None)
     ident.pop("executor", None)
+    ident.pop("tracking", None)
     return ident
 
 

@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=["local", "ray"],
         help="where candidates train (overrides executor.kind)",
     )
+    run.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in --out)",
+    )
+    run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     tune = sub.add_parser(
         "tune",
         help="tune the method's settings with Ray Tune (ASHA on ACC, Pareto table)",
@@ -80,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides)
         if getattr(args, "executor", None):
             overrides.append(f"executor.kind={args.executor}")
+        if getattr(args, "no_tracking", False):
+            overrides.append("tracking.enabled=false")
+        if getattr(args, "tracking_uri", None):
+            overrides.append(f"tracking.uri={args.tracking_uri}")
         cfg = load_config(args.preset, args.config, overrides, getattr(args, "seed", None))
         if args.command == "config":
             import yaml
@@ -156,6 +165,11 @@ def _ray_executor(cfg: RunConfig, data_dir: str | None) -> tuple[Any, Any]:
 
 def _run(cfg: RunConfig, args: argparse.Namespace) -> int:
     out = _out_dir(cfg, args)
+    tracker = None
+    if cfg.tracking.enabled:
+        from qpacknet.tracking.tracker import MlflowTracker
+
+        tracker = MlflowTracker(cfg.tracking, out)  # opens the store in the background
     if cfg.executor.kind == "ray":
         executor, stream = _ray_executor(cfg, args.data_dir)
     else:
@@ -169,11 +183,16 @@ def _run(cfg: RunConfig, args: argparse.Namespace) -> int:
 
     progress = Progress(verbose=not args.quiet)
     try:
-        pipeline = Pipeline(cfg, stream, executor, out, progress, preset=args.preset)
+        observers = [tracker] if tracker is not None else []
+        pipeline = Pipeline(
+            cfg, stream, executor, out, progress, preset=args.preset, observers=observers
+        )
         results = pipeline.run()
     finally:
         executor.close()
     _summary(results, pipeline, out)
+    if tracker is not None:
+        print(tracker.summary())
     return 0
 
 

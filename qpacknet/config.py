@@ -133,6 +133,24 @@ class ExecutorConfig(_Strict):
         return self
 
 
+class TrackingConfig(_Strict):
+    """MLflow tracking (issue: every run browsable). Tracking never changes what is learned, so
+    these settings may differ when a run is resumed."""
+
+    enabled: bool = Field(True, description="log runs, artifacts and models to MLflow")
+    uri: str | None = Field(
+        None, description="tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite in --out"
+    )
+    experiment: str = Field("qpacknet", min_length=1)
+    registered_model: str | None = Field(
+        None, description="registry name for the packed model; None: qpacknet-<scenario>"
+    )
+    register_models: bool = Field(True, description="register a model version after every task")
+    log_candidates: bool = Field(True, description="one nested run per candidate")
+    http_timeout_s: float = Field(10.0, gt=0.0, description="per request to a tracking server")
+    http_retries: int = Field(2, ge=0, description="retries per request before giving up")
+
+
 class RunConfig(_Strict):
     """A whole scenario run."""
 
@@ -145,6 +163,7 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 PRESETS_PACKAGE = "qpacknet.presets"

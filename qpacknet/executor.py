@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from qpacknet.scenarios.base import Split, TaskStream
 from qpacknet.search import CandidateResult
+from qpacknet.tracking.candidates import CandidateRuns, open_runs
 from qpacknet.train import EpochReport
 from qpacknet.worker import CandidateWorker, QuantizedTask, TaskContext, TrainOutcome
 
@@ -22,6 +23,19 @@ def chunks(population: int, per_worker: int | None) -> list[list[int]]:
     """Candidate indices split into consecutive chunks of ``per_worker`` (None: one chunk)."""
     size = population if per_worker is None else per_worker
     return [list(range(i, min(i + size, population))) for i in range(0, population, size)]
+
+
+def _tee(
+    keep: list[EpochReport], on_epoch: ChunkEpochCallback | None, chunk: list[int]
+) -> Callable[[EpochReport], None]:
+    """An epoch callback that keeps each report (for tracking) and passes it on live."""
+
+    def callback(rep: EpochReport) -> None:
+        keep.append(rep)
+        if on_epoch is not None:
+            on_epoch(chunk, rep)
+
+    return callback
 
 
 class Executor(ABC):
@@ -65,6 +79,7 @@ class LocalExecutor(Executor):
         self._splits: tuple[Split, Split] | None = None
         self._workers: list[CandidateWorker] = []
         self._winner: CandidateWorker | None = None
+        self._runs: CandidateRuns | None = None
 
     @property
     def name(self) -> str:
@@ -73,6 +88,7 @@ class LocalExecutor(Executor):
     def begin_task(self, ctx: TaskContext, stream: TaskStream) -> None:
         self._ctx, self._splits = ctx, stream.fit_splits(ctx.task)
         self._workers, self._winner = [], None
+        self._runs = open_runs(ctx.tracking)
 
     def search(self, on_epoch: ChunkEpochCallback | None = None) -> list[CandidateResult]:
         if self._ctx is None or self._splits is None:
@@ -81,8 +97,11 @@ class LocalExecutor(Executor):
         results: list[CandidateResult] = []
         for chunk in chunks(cfg.search.population, cfg.executor.candidates_per_worker):
             worker = CandidateWorker(self._ctx, *self._splits)
-            callback = None if on_epoch is None else (lambda rep, c=chunk: on_epoch(c, rep))
-            results.extend(worker.search(chunk, callback))
+            reports: list[EpochReport] = []
+            chunk_results = worker.search(chunk, _tee(reports, on_epoch, chunk))
+            if self._runs is not None:
+                self._runs.searched(chunk_results, reports)
+            results.extend(chunk_results)
             self._workers.append(worker)
         return results
 
@@ -94,8 +113,11 @@ class LocalExecutor(Executor):
         for w in self._workers:
             if w is not self._winner:
                 w.population = None
-        callback = None if on_epoch is None else (lambda rep: on_epoch([winner], rep))
-        return self._winner.train(winner, callback)
+        reports: list[EpochReport] = []
+        outcome = self._winner.train(winner, _tee(reports, on_epoch, [winner]))
+        if self._runs is not None:
+            self._runs.trained(winner, reports)
+        return outcome
 
     def quantize(self) -> QuantizedTask:
         if self._winner is None:
@@ -103,4 +125,6 @@ class LocalExecutor(Executor):
         return self._winner.quantize()
 
     def end_task(self) -> None:
-        self._workers, self._winner, self._splits = [], None, None
+        if self._runs is not None:
+            self._runs.close()
+        self._workers, self._winner, self._splits, self._runs = [], None, None, None

@@ -37,6 +37,13 @@ class PackedModel:
     def num_tasks(self) -> int:
         return self.store.num_tasks
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input as the scenario prepares it (without the batch dimension)."""
+        meta = self.store.meta
+        shape = meta.get("input_shape") or (meta["in_features"],)
+        return tuple(int(d) for d in shape)  # type: ignore[union-attr]
+
     def refresh(self) -> None:
         """Forget decoded networks (after a commit, so old tasks are re-decoded from words)."""
         self._nets.clear()

@@ -10,6 +10,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qpacknet.tracking.spec import CandidateTracking
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """A run (new or resumed) is about to learn tasks ``first..num_tasks-1``."""
+
+    config: Any
+    scenario: str
+    preset: str | None
+    executor: str
+    device: str
+    first: int
+    num_tasks: int
+    out_dir: Path
+
 
 @dataclass(frozen=True)
 class TaskCommitted:
@@ -28,8 +44,19 @@ class TaskCommitted:
 class RunObserver:
     """Base class with no-op hooks; override the ones you need."""
 
+    def run_started(self, event: RunStarted) -> None:
+        """Called once before the first task of this invocation (after a resume, too)."""
+
+    def task_started(self, task: int) -> CandidateTracking | None:
+        """Called before task ``task``'s SEARCH; a tracker may return where the workers
+        should log their candidates (the first non-None answer is used)."""
+        return None
+
     def task_committed(self, event: TaskCommitted) -> None:
         """Called once per committed task, in task order."""
 
     def run_finished(self, results: dict[str, Any]) -> None:
         """Called with the final ``results.json`` content after it is written."""
+
+    def run_failed(self, error: BaseException) -> None:
+        """Called when the run stops with an exception (it is re-raised afterwards)."""

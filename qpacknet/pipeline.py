@@ -28,7 +28,7 @@ from qpacknet.layout import CONFIG_FILE, MODEL_FILE, RESULTS_FILE
 from qpacknet.metrics import AccuracyMatrix
 from qpacknet.model import PackedModel
 from qpacknet.nets import build
-from qpacknet.observers import RunObserver, TaskCommitted
+from qpacknet.observers import RunObserver, RunStarted, TaskCommitted
 from qpacknet.progress import Progress
 from qpacknet.scenarios.base import TaskStream
 from qpacknet.search import CandidateResult, scores, select_winner
@@ -140,10 +140,26 @@ class Pipeline:
                     f"{self.model_path}"
                 )
             self.executor.begin_run(self.stream)
+            started = RunStarted(
+                self.config,
+                self.stream.name,
+                self.preset,
+                self.executor.name,
+                self.device,
+                first,
+                num_tasks,
+                self.out_dir,
+            )
+            for obs in self.observers:
+                obs.run_started(started)
             for t in range(first, num_tasks):
                 self.learn_task(t)
                 self._checkpoint(time.perf_counter() - start)
                 self._notify(t, num_tasks)
+        except BaseException as exc:
+            for obs in self.observers:
+                obs.run_failed(exc)
+            raise
         finally:
             self.executor.close()
         results = self._results(time.perf_counter() - start + self._seconds_before)
@@ -223,6 +239,7 @@ class Pipeline:
             timer.candidate_epochs += len(cands)
             self.progress.epoch(t, cands, rep)
 
+        specs = [obs.task_started(t) for obs in self.observers]
         t0 = time.perf_counter()
         ctx = TaskContext(
             cfg,
@@ -231,6 +248,7 @@ class Pipeline:
             self.stream.num_classes,
             self.store.available(),
             self.device,
+            next((s for s in specs if s is not None), None),
         )
         self.executor.begin_task(ctx, self.stream)
         val = self.stream.val_split(t)

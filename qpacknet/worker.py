@@ -19,6 +19,7 @@ from qpacknet.nets import PopulationNet, build
 from qpacknet.quantize import QuantResult, search_bit_width
 from qpacknet.scenarios.base import Split
 from qpacknet.search import CandidateResult, draw_mask, weighted_sparsity
+from qpacknet.tracking.spec import CandidateTracking
 from qpacknet.train import EpochCallback, evaluate, fit
 
 
@@ -32,6 +33,7 @@ class TaskContext:
     num_classes: int
     available: dict[str, torch.Tensor]
     device: str = "cpu"
+    tracking: CandidateTracking | None = None
 
 
 @dataclass(frozen=True)

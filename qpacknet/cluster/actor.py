@@ -3,6 +3,7 @@ across the stages of a task so the winner continues where it stopped (no weights
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from qpacknet.cluster.transfer import unpack_splits
 from qpacknet.scenarios.base import Split, TaskStream
 from qpacknet.search import CandidateResult
+from qpacknet.tracking.candidates import CandidateRuns, open_runs
 from qpacknet.train import EpochReport
 from qpacknet.worker import CandidateWorker, QuantizedTask, TaskContext, TrainOutcome
 
@@ -26,6 +28,7 @@ class CandidateActor:
         self._stream: TaskStream | None = None
         self._splits: tuple[Split, Split] | None = None
         self._workers: dict[int, CandidateWorker] = {}
+        self._runs: CandidateRuns | None = None
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -47,9 +50,7 @@ class CandidateActor:
         """Set up task ``ctx.task``; its splits come from ``packed`` when the driver sent
         them, else this actor builds them from the run's stream."""
         device = "cuda" if torch.cuda.is_available() and ctx.device.startswith("cuda") else "cpu"
-        self._ctx = TaskContext(
-            ctx.config, ctx.task, ctx.input_shape, ctx.num_classes, ctx.available, device
-        )
+        self._ctx = dataclasses.replace(ctx, device=device)
         if packed is not None:
             self._splits = unpack_splits(packed)
         elif self._stream is not None:
@@ -57,6 +58,9 @@ class CandidateActor:
         else:
             raise RuntimeError("begin_task() without data needs begin_run() with a stream")
         self._workers = {}
+        if self._runs is not None:
+            self._runs.close()
+        self._runs = open_runs(ctx.tracking)
         return os.getpid()
 
     def search(self, chunk: list[int]) -> tuple[list[CandidateResult], list[EpochReport]]:
@@ -67,6 +71,8 @@ class CandidateActor:
         worker = CandidateWorker(self._ctx, *self._splits)
         results = worker.search(chunk, reports.append)
         self._workers[chunk[0]] = worker
+        if self._runs is not None:
+            self._runs.searched(results, reports)
         return results, reports
 
     def _holder(self, candidate: int) -> CandidateWorker:
@@ -79,13 +85,19 @@ class CandidateActor:
         worker = self._holder(winner)
         self._workers = {0: worker}
         reports: list[EpochReport] = []
-        return worker.train(winner, reports.append), reports
+        outcome = worker.train(winner, reports.append)
+        if self._runs is not None:
+            self._runs.trained(winner, reports)
+        return outcome, reports
 
     def quantize(self, winner: int) -> QuantizedTask:
         return self._holder(winner).quantize()
 
     def end_task(self) -> None:
-        self._ctx, self._splits, self._workers = None, None, {}
+        """Drop the task's state; wait for this actor's candidate runs to be logged."""
+        if self._runs is not None:
+            self._runs.close()
+        self._ctx, self._splits, self._workers, self._runs = None, None, {}, None
 
 
 FAULT_MARKER_ENV = "QPACKNET_TEST_DIE_ONCE"

@@ -11,6 +11,7 @@ state it holds.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -133,9 +134,7 @@ class RayExecutor(Executor):
     def begin_task(self, ctx: TaskContext, stream: TaskStream) -> None:
         self._ensure_actors(ctx.config.search.population)
         device = "cuda" if self._gpus() > 0 else "cpu"
-        self._ctx = TaskContext(
-            ctx.config, ctx.task, ctx.input_shape, ctx.num_classes, ctx.available, device
-        )
+        self._ctx = dataclasses.replace(ctx, device=device)
         if self._stream_ref is None:
             self._data_ref = ray.put(pack_splits(*stream.fit_splits(ctx.task)))
         self._holder, self._chunk_of = {}, {}
