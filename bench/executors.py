@@ -47,13 +47,50 @@ def run_once(kind: str, preset: str, data_dir: str | None, out: Path) -> dict:
     }
 
 
+def summarize(runs: list[dict]) -> dict:
+    """Print and return the medians, the per-repeat ratios (each pair ran back to back, so
+    the machine's drifting speed cancels) and the time outside SEARCH and TRAIN."""
+    by = {k: [r for r in runs if r["executor"] == k] for k in KINDS}
+    med = {k: statistics.median(r["wall_seconds"] for r in by[k]) for k in KINDS}
+    pairs = [
+        a["wall_seconds"] / b["wall_seconds"] for a, b in zip(by["ray"], by["local"], strict=True)
+    ]
+    fixed = {
+        k: statistics.median(
+            r["wall_seconds"] - r["stages"]["search"] - r["stages"]["train"] for r in by[k]
+        )
+        for k in KINDS
+    }
+    print()
+    print(f"{'median seconds':20s} {'ray':>8s} {'local':>8s} {'ray/local':>10s}")
+    print(f"{'wall':20s} {med['ray']:8.1f} {med['local']:8.1f} {med['ray'] / med['local']:10.3f}")
+    for name in runs[0]["stages"]:
+        m = {k: statistics.median(r["stages"][name] for r in by[k]) for k in KINDS}
+        ratio = m["ray"] / m["local"] if m["local"] else float("nan")
+        print(f"{name:20s} {m['ray']:8.1f} {m['local']:8.1f} {ratio:10.3f}")
+    print(f"{'outside search+train':20s} {fixed['ray']:8.1f} {fixed['local']:8.1f}")
+    print("ray/local per repeat: " + " ".join(f"{p:.3f}" for p in pairs))
+    print(f"median of the per-repeat ratios: {statistics.median(pairs):.3f}")
+    return {
+        "median_wall_seconds": med,
+        "ratio_ray_over_local": med["ray"] / med["local"],
+        "ratio_per_repeat": pairs,
+        "median_ratio_per_repeat": statistics.median(pairs),
+        "median_seconds_outside_search_and_train": fixed,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="pmnist-quick")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default="bench/out/executors.json")
+    ap.add_argument("--summarize", help="only print the summary of a saved JSON")
     args = ap.parse_args()
+    if args.summarize:
+        summarize(json.loads(Path(args.summarize).read_text())["runs"])
+        return
 
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,20 +106,7 @@ def main() -> None:
                     flush=True,
                 )
     same = len({r.pop("model") for r in runs}) == 1
-    med = {
-        k: statistics.median(r["wall_seconds"] for r in runs if r["executor"] == k) for k in KINDS
-    }
-    stage_names = list(runs[0]["stages"])
-    print()
-    print(f"{'median seconds':16s} {'ray':>8s} {'local':>8s} {'ray/local':>10s}")
-    print(f"{'wall':16s} {med['ray']:8.1f} {med['local']:8.1f} {med['ray'] / med['local']:10.3f}")
-    for name in stage_names:
-        m = {
-            k: statistics.median(r["stages"][name] for r in runs if r["executor"] == k)
-            for k in KINDS
-        }
-        ratio = m["ray"] / m["local"] if m["local"] else float("nan")
-        print(f"{name:16s} {m['ray']:8.1f} {m['local']:8.1f} {ratio:10.3f}")
+    summary = summarize(runs)
     print(f"same model bytes from every run: {same}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -91,8 +115,7 @@ def main() -> None:
             {
                 "preset": args.preset,
                 "runs": runs,
-                "median_wall_seconds": med,
-                "ratio_ray_over_local": med["ray"] / med["local"],
+                **summary,
                 "same_model_bytes": same,
                 "hardware": hardware("cpu"),
                 "cpus": os.cpu_count(),

@@ -65,6 +65,25 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--storage", default="runs/tune", help="where experiments live")
     tune.add_argument("--data-dir", help="data root (else $QPACKNET_DATA, else ./data)")
     tune.add_argument("--seed", type=int, help="run seed of every trial")
+    learn = sub.add_parser(
+        "learn",
+        help="add one task to a registered model version and register the next version",
+        description="Loads --model from the MLflow registry, learns the next task of its "
+        "stream (with its own settings, or a compatible --preset/--config and --set), and "
+        "registers the result as the next version of the same registered model.",
+    )
+    learn.add_argument("--model", required=True, help="models:/NAME/VERSION or models:/NAME/latest")
+    lsrc = learn.add_mutually_exclusive_group()
+    lsrc.add_argument("--preset", help="settings for the new task (default: the model's)")
+    lsrc.add_argument("--config", help="a YAML file of settings for the new task")
+    learn.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    learn.add_argument("--out", help="work dir (default: runs/learn-<name>-v<version>-<time>)")
+    learn.add_argument("--data-dir", help="data root (else $QPACKNET_DATA, else ./data)")
+    learn.add_argument("--executor", choices=["local", "ray"], help="overrides executor.kind")
+    learn.add_argument(
+        "--tracking-uri", help="the registry's tracking URI (default: $MLFLOW_TRACKING_URI)"
+    )
+    learn.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     show = sub.add_parser("config", help="print the resolved config as YAML")
     src2 = show.add_mutually_exclusive_group(required=True)
     src2.add_argument("--preset")
@@ -82,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "tune":
             return _tune(args)
+        if args.command == "learn":
+            return _learn(args)
         overrides = list(args.overrides)
         if getattr(args, "executor", None):
             overrides.append(f"executor.kind={args.executor}")
@@ -194,6 +215,65 @@ def _run(cfg: RunConfig, args: argparse.Namespace) -> int:
     if tracker is not None:
         print(tracker.summary())
     return 0
+
+
+def _learn(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    from qpacknet.tracking.learn import fetch, next_task_config, prepare_run_dir
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise UsageError(
+            "learn needs the registry that holds --model: pass --tracking-uri URI or set "
+            "MLFLOW_TRACKING_URI (a local run's store is sqlite:///<out>/mlflow.db)"
+        )
+    if not args.model.startswith(("models:/", "runs:/")):
+        raise UsageError(f"--model {args.model!r} must look like models:/NAME/VERSION")
+    with tempfile.TemporaryDirectory(prefix="qpacknet-learn-") as tmp:
+        model = fetch(args.model, uri, Path(tmp))
+        new = None
+        if args.preset or args.config:
+            new = load_config(args.preset, args.config, args.overrides)
+        elif args.overrides:
+            new = _with_overrides(yaml_dump(model.config), args.overrides)
+        overrides = [f"tracking.uri={uri}"]
+        if model.name:
+            overrides.append(f"tracking.registered_model={model.name}")
+        if args.executor:
+            overrides.append(f"executor.kind={args.executor}")
+        cfg = next_task_config(model, new)
+        cfg = _with_overrides(yaml_dump(cfg), overrides)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path(args.out or f"runs/learn-{model.name or 'model'}-v{model.version}-{stamp}")
+        prepare_run_dir(model, cfg, out)
+    print(
+        f"learning task {model.num_tasks + 1} on top of {args.model} "
+        f"({model.name} version {model.version}, {model.num_tasks} tasks); work dir {out}"
+    )
+    run_args = argparse.Namespace(
+        out=str(out), preset=None, data_dir=args.data_dir, quiet=args.quiet
+    )
+    return _run(cfg, run_args)
+
+
+def yaml_dump(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"))
+
+
+def _with_overrides(config_yaml: str, overrides: list[str]) -> RunConfig:
+    """A config from YAML text plus ``--set`` style overrides (validated)."""
+    import yaml
+
+    from qpacknet.config import apply_override, validate
+
+    data = yaml.safe_load(config_yaml)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate(data)
 
 
 def _tune(args: argparse.Namespace) -> int:

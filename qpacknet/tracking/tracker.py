@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -180,6 +181,8 @@ class MlflowTracker(RunObserver):
             "qpacknet.device": event.device,
             "qpacknet.version": __version__,
             "qpacknet.out_dir": str(self.out_dir.resolve()),
+            "qpacknet.host": socket.gethostname(),
+            "qpacknet.pid": str(os.getpid()),
         }
         commit = _git_commit()
         if commit:
