@@ -2,9 +2,10 @@
 
 Each repeat runs ``qpacknet run --preset P`` three ways as separate processes, in an order that
 rotates between repeats (a shared machine's drifting load then hits every variant), and
-compares whole-command wall times. The server is a real ``mlflow server`` on 127.0.0.1 started
-by this script. Prints the runs, the medians and the ratios to "off", and checks that every
-variant wrote the same model bytes (tracking must not change what is learned).
+compares whole-command wall times and the machine's busy CPU seconds. The server is a real
+``mlflow server`` on 127.0.0.1 started by this script. Prints the runs, the medians and the
+ratios to "off", and checks that every variant wrote the same model bytes (tracking must not
+change what is learned).
 
     python bench/tracking.py --data-dir ../shared/data --repeats 3
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -26,6 +28,17 @@ from qpacknet.tracking.server import mlflow_server
 VARIANTS = ("off", "local-store", "server")
 
 
+def busy_cpu_seconds() -> float:
+    """CPU time this machine spent busy (user, nice, system, irq), from ``/proc/stat``.
+
+    Ray's actors are not the command's children, so ``getrusage`` misses them; the machine-wide
+    count has them all. Time stolen by other tenants of a shared VM is not in it, which makes
+    it far steadier than wall time (the server and Ray's idle daemons add a little)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def run_once(variant: str, args: argparse.Namespace, out: Path, server: str) -> dict:
     cmd = [sys.executable, "-m", "qpacknet", "run", "--preset", args.preset, "--quiet"]
     cmd += ["--executor", args.executor, "--out", str(out)]
@@ -35,18 +48,53 @@ def run_once(variant: str, args: argparse.Namespace, out: Path, server: str) -> 
         cmd.append("--no-tracking")
     elif variant == "server":
         cmd += ["--tracking-uri", server]
+    before = busy_cpu_seconds()
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    cpu = busy_cpu_seconds() - before
     if proc.returncode != 0 or "WARNING" in proc.stderr:
         raise SystemExit(f"{' '.join(cmd)}:\n{proc.stderr[-3000:]}")
     res = json.loads((out / "results.json").read_text())
     return {
         "variant": variant,
         "wall_seconds": wall,
+        "cpu_seconds": cpu,
+        "training_seconds": res["throughput"]["candidate_training_seconds"],
         "pipeline_seconds": res["seconds_total"],
         "acc": res["acc"],
         "model": (out / "model.safetensors").read_bytes(),
+    }
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians, per-repeat ratios to "off" (each repeat's runs were back to back), and CPU
+    seconds, which a shared machine's drifting speed disturbs far less than wall time."""
+    by = {v: [r for r in runs if r["variant"] == v] for v in VARIANTS}
+    med = {v: statistics.median(r["wall_seconds"] for r in by[v]) for v in VARIANTS}
+    cpu = {v: statistics.median(r["cpu_seconds"] for r in by[v]) for v in VARIANTS}
+    pairs = {
+        v: [a["wall_seconds"] / b["wall_seconds"] for a, b in zip(by[v], by["off"], strict=True)]
+        for v in VARIANTS
+    }
+    print()
+    print(f"{'':26s} " + " ".join(f"{v:>12s}" for v in VARIANTS))
+    print(f"{'median wall s':26s} " + " ".join(f"{med[v]:12.1f}" for v in VARIANTS))
+    print(f"{'median cpu s':26s} " + " ".join(f"{cpu[v]:12.1f}" for v in VARIANTS))
+    print(
+        f"{'median wall / off':26s} " + " ".join(f"{med[v] / med['off']:12.3f}" for v in VARIANTS)
+    )
+    print(f"{'median cpu / off':26s} " + " ".join(f"{cpu[v] / cpu['off']:12.3f}" for v in VARIANTS))
+    print(
+        f"{'median per-repeat wall/off':26s} "
+        + " ".join(f"{statistics.median(pairs[v]):12.3f}" for v in VARIANTS)
+    )
+    return {
+        "median_wall_seconds": med,
+        "median_cpu_seconds": cpu,
+        "ratio_to_off": {v: med[v] / med["off"] for v in VARIANTS},
+        "cpu_ratio_to_off": {v: cpu[v] / cpu["off"] for v in VARIANTS},
+        "median_ratio_per_repeat": {v: statistics.median(pairs[v]) for v in VARIANTS},
     }
 
 
@@ -68,17 +116,12 @@ def main() -> None:
                 runs.append(r)
                 print(
                     f"repeat {rep} {variant:11s} wall {r['wall_seconds']:6.1f}s  "
-                    f"pipeline {r['pipeline_seconds']:6.1f}s  ACC {r['acc']:.2f}",
+                    f"cpu {r['cpu_seconds']:6.1f}s  pipeline {r['pipeline_seconds']:6.1f}s  "
+                    f"ACC {r['acc']:.2f}",
                     flush=True,
                 )
     same = len({r.pop("model") for r in runs}) == 1
-    med = {
-        v: statistics.median(r["wall_seconds"] for r in runs if r["variant"] == v) for v in VARIANTS
-    }
-    print()
-    print(f"{'median wall s':14s} " + " ".join(f"{v:>12s}" for v in VARIANTS))
-    print(f"{'':14s} " + " ".join(f"{med[v]:12.1f}" for v in VARIANTS))
-    print(f"{'ratio to off':14s} " + " ".join(f"{med[v] / med['off']:12.3f}" for v in VARIANTS))
+    summary = summarize(runs)
     print(f"same model bytes from every run: {same}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -88,8 +131,7 @@ def main() -> None:
                 "preset": args.preset,
                 "executor": args.executor,
                 "runs": runs,
-                "median_wall_seconds": med,
-                "ratio_to_off": {v: med[v] / med["off"] for v in VARIANTS},
+                **summary,
                 "same_model_bytes": same,
                 "hardware": hardware("cpu"),
             },

@@ -1,5 +1,5 @@
 """MLflow "model from code" entry: MLflow runs this file when it loads a logged qpacknet model
-(the model directory also carries a copy of the qpacknet package via ``code_paths``)."""
+(qpacknet must be importable there: our image, or this repository's environment)."""
 
 import mlflow.models
 

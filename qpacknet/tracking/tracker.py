@@ -43,6 +43,10 @@ def resolve_uri(cfg: TrackingConfig, out_dir: Path) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
+    return default_uri(out_dir)
+
+
+def default_uri(out_dir: Path) -> str:
     return f"sqlite:///{(out_dir / DB_FILE).resolve()}"
 
 
@@ -99,8 +103,10 @@ class MlflowTracker(RunObserver):
         overlaps starting Ray, importing torch and loading data."""
         for name in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.pyfunc"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        if self.local_store:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.local_store and self.uri == default_uri(self.out_dir):
+            from qpacknet.tracking.localstore import prepare
+
+            prepare(self.out_dir / DB_FILE)
         self.safe = SafeTracking(
             self.uri, self.cfg.http_timeout_s, self.cfg.http_retries, "the driver"
         )
