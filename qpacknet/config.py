@@ -25,12 +25,21 @@ class _Strict(BaseModel):
 class ScenarioConfig(_Strict):
     """Which task stream to learn."""
 
-    name: Literal["pmnist", "digits"] = "pmnist"
+    name: Literal["pmnist", "digits", "npz"] = "pmnist"
+    path: str | None = Field(
+        None, description="npz: the folder with one .npz file per task (the user's own data)"
+    )
     num_tasks: int = Field(10, ge=1, le=1000)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of train held out")
     train_limit: int | None = Field(
         None, ge=10, description="use at most this many training rows per task (quick runs)"
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> ScenarioConfig:
+        if self.name == "npz" and not self.path:
+            raise ValueError("scenario npz needs scenario.path: the folder of .npz task files")
+        return self
 
 
 class NetConfig(_Strict):
