@@ -25,7 +25,7 @@ from typing import Any
 from qpacknet import __version__
 from qpacknet.config import RunConfig, TrackingConfig, flatten
 from qpacknet.fileio import atomic_write_json
-from qpacknet.layout import CONFIG_FILE, MODEL_FILE, RESULTS_FILE
+from qpacknet.layout import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, RESULTS_FILE
 from qpacknet.observers import RunObserver, RunStarted, TaskCommitted
 from qpacknet.tracking.client import Background, SafeTracking
 from qpacknet.tracking.spec import CandidateTracking
@@ -242,7 +242,7 @@ class MlflowTracker(RunObserver):
         if run_id is None or self.run_id is None:
             return
         snapshot = Path(tempfile.mkdtemp(prefix="qpacknet-mlflow-"))
-        for name in (MODEL_FILE, "checkpoint.json", CONFIG_FILE):
+        for name in (MODEL_FILE, CHECKPOINT_FILE, CONFIG_FILE):
             src = self.out_dir / name
             if src.exists():
                 (snapshot / name).write_bytes(src.read_bytes())
