@@ -25,9 +25,13 @@ class _Strict(BaseModel):
 class ScenarioConfig(_Strict):
     """Which task stream to learn."""
 
-    name: Literal["pmnist", "digits", "npz"] = "pmnist"
+    name: Literal[
+        "pmnist", "digits", "npz", "cifar100", "five_datasets", "tinyimagenet", "imagenet100"
+    ] = "pmnist"
     path: str | None = Field(
-        None, description="npz: the folder with one .npz file per task (the user's own data)"
+        None,
+        description="npz: the folder with one .npz file per task (the user's own data); "
+        "image scenarios: their data root instead of --data-dir",
     )
     num_tasks: int = Field(10, ge=1, le=1000)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of train held out")
