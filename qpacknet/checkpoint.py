@@ -57,6 +57,12 @@ def _identity(config: dict[str, Any]) -> dict[str, Any]:
     candidates train (executor) and where the run is logged (tracking) do not change what is
     learned."""
     ident = json.loads(json.dumps(config))
+    try:  # settings added since the checkpoint was written take their defaults
+        from qpacknet.config import RunConfig
+
+        ident = RunConfig.model_validate(ident).model_dump(mode="json")
+    except ValueError:
+        pass
     ident.get("scenario", {}).pop("num_tasks", None)
     ident.pop("executor", None)
     ident.pop("tracking", None)

@@ -47,10 +47,24 @@ class ScenarioConfig(_Strict):
 
 
 class NetConfig(_Strict):
-    """Backbone; per-task heads are always float32 linear layers."""
+    """Backbone (DESIGN.md §3); per-task heads are always float32 linear layers.
 
-    backbone: Literal["mlp"] = "mlp"
+    ``mlp`` (p-MNIST) uses ``hidden``; the conv backbones (``alexnet`` for split CIFAR-100,
+    ``resnet18_reduced`` for 5-datasets, ``resnet18`` for Imagenet100, ``tinynet`` for
+    TinyImagenet) take image inputs and use ``width``, ``dropout`` and ``channels_last``.
+    """
+
+    backbone: Literal["mlp", "alexnet", "resnet18_reduced", "resnet18", "tinynet"] = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [100, 100])
+    width: float = Field(
+        1.0, gt=0.0, le=16.0, description="conv backbones: multiplier of every channel/fc width"
+    )
+    dropout: bool = Field(
+        True, description="alexnet: dropout 0.2 after conv1-2, 0.5 after conv3 and fc1-2"
+    )
+    channels_last: bool = Field(
+        False, description="conv backbones: channels-last activations (a speed setting)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> NetConfig:

@@ -73,7 +73,11 @@ def test_digits_on_ray_logged_to_a_real_server(tmp_path: Path) -> None:
 
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-        model = mlflow.pyfunc.load_model("models:/qpacknet-digits/2")
+        try:
+            model = mlflow.pyfunc.load_model("models:/qpacknet-digits/2")
+        finally:
+            mlflow.set_tracking_uri(None)  # it also set $MLFLOW_TRACKING_URI for this process
+            mlflow.set_registry_uri(None)
         packed = PackedModel.load(out / "model.safetensors")
         stream = PermutedDigits(num_tasks=2, val_fraction=0.15)
         for task in (0, 1):

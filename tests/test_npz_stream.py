@@ -104,7 +104,9 @@ def test_run_on_npz_then_learn_a_task_from_a_new_file(tmp_path: Path, capsys) ->
     )
     out = tmp_path / "run"
     rc = main(["run", "--config", str(cfg), "--out", str(out), "--executor", "local", "--quiet"])
-    assert rc == 0, capsys.readouterr().err
+    ran, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "registered model 'qpacknet-npz', versions 1, 2" in ran, ran[-2000:] + err
     res = json.loads((out / "results.json").read_text())
     assert res["scenario"] == "npz" and len(res["tasks"]) == 2 and res["acc"] > 70
     stream = build_stream(load_config(config_file=cfg).scenario, 0, None, "cpu")
@@ -117,9 +119,10 @@ def test_run_on_npz_then_learn_a_task_from_a_new_file(tmp_path: Path, capsys) ->
     uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
     learned = tmp_path / "learned"
     learn = ["learn", "--model", "models:/qpacknet-npz/latest", "--tracking-uri", uri]
+    capsys.readouterr()
     rc = main([*learn, "--out", str(learned), "--executor", "local", "--quiet"])
-    printed = capsys.readouterr().out
-    assert rc == 0, printed
+    printed, err = capsys.readouterr()
+    assert rc == 0, err
     assert "versions 3" in printed
     after = PackedModel.load(learned / "model.safetensors")
     assert after.num_tasks == 3

@@ -31,11 +31,17 @@ def _client(uri: str) -> Any:
 
 
 def _pyfunc(uri: str, model_uri: str) -> Any:
+    """Load through the registry; MLflow's global URIs (which also set $MLFLOW_TRACKING_URI)
+    are reset afterwards so that later runs in this process use their own stores."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return mlflow.pyfunc.load_model(model_uri)
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
 
 
 def _test_x(task: int) -> torch.Tensor:

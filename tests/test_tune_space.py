@@ -69,10 +69,10 @@ def test_bad_space_files_name_the_problem(tmp_path: Path, text: str, message: st
 
 
 def test_cli_refuses_a_bad_space_with_exit_code_2(tmp_path: Path, capsys) -> None:
-    bad = _spec_file(tmp_path, "space:\n  net.width: {choice: [8, 16]}\n")
+    bad = _spec_file(tmp_path, "space:\n  net.depth: {choice: [8, 16]}\n")
     rc = main(["tune", "--preset", "digits", "--space", str(bad), "--storage", str(tmp_path)])
     assert rc == 2
-    assert "net.width" in capsys.readouterr().err
+    assert "net.depth" in capsys.readouterr().err
 
 
 def test_cli_resume_without_an_experiment_is_a_usage_error(tmp_path: Path, capsys) -> None:

@@ -10,6 +10,7 @@ logits stay bit-identical, and the new version is registered under the same name
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,10 @@ def fetch(model_uri: str, tracking_uri: str, dst: Path) -> FetchedModel:
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
+    # models:/ URIs resolve through MLflow's global registry URI (the download's own
+    # registry_uri argument is not used for them); restore it, and $MLFLOW_TRACKING_URI that
+    # set_tracking_uri also sets, afterwards
+    before = (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_registry_uri())
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
@@ -66,6 +71,9 @@ def fetch(model_uri: str, tracking_uri: str, dst: Path) -> FetchedModel:
             "check the name and version (qpacknet run registers 'qpacknet-<scenario>' by "
             "default) and --tracking-uri"
         ) from None
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1] if before[0] else None)
     meta_file = local / "registered_model_meta"
     meta = yaml.safe_load(meta_file.read_text()) if meta_file.exists() else {}
     name = str(meta.get("model_name") or "")
