@@ -1,8 +1,8 @@
 """Attach to a Ray cluster or start an embedded one on 127.0.0.1.
 
 Imports only Ray (not torch), so the CLI can start Ray while another thread imports torch
-and loads the data: on the 2-core dev VM ``ray.init`` takes about 2.5 s and torch plus the
-MNIST stream about 1.7 s, and overlapping them takes that much off every ``qpacknet run``.
+and loads the data. ``bench/executors.py`` reports what Ray still adds per run (its "outside
+search+train" row).
 """
 
 from __future__ import annotations

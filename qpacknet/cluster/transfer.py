@@ -1,11 +1,11 @@
-"""Task data through Ray's object store as numpy arrays.
+"""Task data through Ray's object store as numpy arrays, for streams that cannot send a worker
+copy of themselves (:meth:`TaskStream.for_workers`; p-MNIST and digits can, and skip this).
 
-Ray stores numpy arrays without pickling them, torch tensors are pickled. Reproduce with
-``qpacknet run --preset pmnist-quick --executor ray`` and compare ``seconds_by_stage["data"]``
-in results.json: on the 2-core dev VM it fell from 13.5 s (torch tensors) to 6.9 s (numpy) over
-10 tasks. The actor copies the arrays once into its own memory: training straight from the
-read-only object-store memory made SEARCH and TRAIN about 30 % slower in the same comparison
-(search 33.7 s / train 29.2 s vs 27.5 s / 22.7 s).
+Ray stores numpy arrays without pickling them; torch tensors are pickled. The actor copies the
+arrays once into its own memory rather than training from the read-only object-store pages.
+Both choices were measured (data stage and SEARCH/TRAIN times of ``pmnist-quick``) when every
+stream still came this way, in commit b7f558e; p-MNIST no longer takes this path, so no
+benchmark in the repo reproduces those figures today.
 """
 
 from __future__ import annotations

@@ -27,10 +27,10 @@ restarts only at :meth:`init_candidates`, so TRAIN's fresh single network is det
 every executor (with the same dropout stream in every task's TRAIN unless the worker keys the
 winner's slot with :meth:`key_dropout`).
 
-Speed (reduced AlexNet, K=16, batch 64, one short epoch on the 2-core CPU): the population takes
-about 1.6× the time of 16 one-after-another trainings (activations 16× larger fall out of
-cache), ``channels_last`` saves about 20%; on CPU ``executor.candidates_per_worker=1`` is fastest.
-The population is meant for GPUs, where a step is launch-bound (DESIGN.md §7).
+Speed: on CPU, K× larger activations fall out of cache, so a conv population may be slower
+than its candidates one after another (then use ``executor.candidates_per_worker=1``); the
+population is meant for GPUs, where a step is launch-bound (DESIGN.md §7). No benchmark in the
+repo measures this backbone's population yet (issue 5 asks ``bench/population.py`` to).
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """The embedded tracking store: a sqlite file in the output directory.
 
-Creating an MLflow sqlite store runs its whole schema migration history (≈2.3 s on the 2-core
-dev VM, measured with ``MlflowClient(...).create_experiment`` on a new file), on every run. An
+Creating an MLflow sqlite store runs its whole schema migration history, on every run. An
 empty store at the current schema is the same file each time, so it is built once per MLflow
 version in the user's cache directory and copied (write, then rename) into a new run's output
 directory; MLflow then only checks that the schema is current.

@@ -98,7 +98,7 @@ class MlflowTracker(RunObserver):
 
     # ---------------------------------------------------------------- run level
     def _prepare(self) -> str | None:
-        """Import MLflow, open the store (a new sqlite store takes ~2 s to create) and find or
+        """Import MLflow, open the store (a new one runs MLflow's schema migrations) and find or
         create the experiment; runs on its own thread from construction on, so that it
         overlaps starting Ray, importing torch and loading data."""
         for name in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.pyfunc"):
