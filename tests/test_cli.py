@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from qpacknet.config import preset_names
 from qpacknet.model import PackedModel
 from qpacknet.scenarios import PermutedDigits
 
@@ -95,7 +96,10 @@ def test_missing_mnist_offline_says_what_to_put_where(tmp_path: Path) -> None:
 
 def test_presets_and_config_commands() -> None:
     proc = _run("presets")
-    assert proc.returncode == 0 and proc.stdout.split() == ["digits", "pmnist", "pmnist-quick"]
+    assert proc.returncode == 0 and proc.stdout.split() == preset_names()
+    assert {"cifar100", "five_datasets-quick", "tinyimagenet", "imagenet100-quick"} <= set(
+        proc.stdout.split()
+    )
     proc = _run("config", "--preset", "pmnist", "--set", "search.population=4")
     assert proc.returncode == 0 and "population: 4" in proc.stdout
 

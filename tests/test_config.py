@@ -25,6 +25,41 @@ def test_pmnist_preset_is_the_paper_config() -> None:
     assert cfg.net.hidden == [100, 100] and cfg.scenario.num_tasks == 10
 
 
+SCENARIO_PRESETS = {
+    "cifar100": ("cifar100", "alexnet", 10),
+    "five_datasets": ("five_datasets", "resnet18_reduced", 5),
+    "tinyimagenet": ("tinyimagenet", "tinynet", 40),
+    "imagenet100": ("imagenet100", "resnet18", 10),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIO_PRESETS))
+def test_scenario_presets_carry_the_paper_settings_and_a_quick_variant(name: str) -> None:
+    scenario, backbone, tasks = SCENARIO_PRESETS[name]
+    paper, quick = load_config(preset=name), load_config(preset=f"{name}-quick")
+    assert (paper.scenario.name, paper.net.backbone, paper.scenario.num_tasks) == (
+        scenario,
+        backbone,
+        tasks,
+    )
+    s = paper.search
+    assert (s.population, s.v_min, s.v_max, s.alpha, s.beta, s.epochs) == (
+        16,
+        0.45,
+        0.85,
+        0.9,
+        0.1,
+        5,
+    )
+    assert (paper.train.epochs, paper.train.lr, paper.train.lr_min) == (50, 0.01, 0.0001)
+    assert paper.scenario.train_limit is None
+    assert (quick.scenario.name, quick.net.backbone) == (scenario, backbone)
+    assert quick.search.population < s.population and quick.train.epochs < paper.train.epochs
+    same = ("alpha", "beta", "v_min", "v_max")
+    assert [getattr(quick.search, k) for k in same] == [getattr(s, k) for k in same]
+    assert quick.quantize == paper.quantize
+
+
 def test_overrides_parse_yaml_values_and_seed_wins() -> None:
     cfg = load_config(
         preset="digits",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from qpacknet.cli import main
-from qpacknet.config import load_config
+from qpacknet.config import load_config, preset_names
 from qpacknet.errors import ConfigError
 from qpacknet.tuning.pareto import TrialPoint, dominates, pareto_front, pareto_table
 from qpacknet.tuning.space import check_spec, load_spec, trial_config
@@ -29,7 +29,7 @@ def test_shipped_space_is_valid_for_every_preset() -> None:
         spec.space
     )
     assert "quantize.delta" in spec.space
-    for preset in ("digits", "pmnist", "pmnist-quick"):
+    for preset in preset_names():
         check_spec(spec, load_config(preset=preset).model_dump(mode="json"))
 
 
