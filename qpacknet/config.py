@@ -26,7 +26,14 @@ class ScenarioConfig(_Strict):
     """Which task stream to learn."""
 
     name: Literal[
-        "pmnist", "digits", "npz", "cifar100", "five_datasets", "tinyimagenet", "imagenet100"
+        "pmnist",
+        "digits",
+        "npz",
+        "folders",
+        "cifar100",
+        "five_datasets",
+        "tinyimagenet",
+        "imagenet100",
     ] = "pmnist"
     path: str | None = Field(
         None,
@@ -41,8 +48,12 @@ class ScenarioConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ScenarioConfig:
-        if self.name == "npz" and not self.path:
-            raise ValueError("scenario npz needs scenario.path: the folder of .npz task files")
+        if self.name in ("npz", "folders") and not self.path:
+            what = {
+                "npz": "the folder of .npz task files",
+                "folders": "the folder with one sub-folder of images per task",
+            }[self.name]
+            raise ValueError(f"scenario {self.name} needs scenario.path: {what}")
         return self
 
 
