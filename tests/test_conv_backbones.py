@@ -11,16 +11,21 @@ import pytest
 import torch
 
 from qpacknet.config import NetConfig, SearchConfig, TrainConfig
-from qpacknet.executor import LocalExecutor
 from qpacknet.model import PackedModel
 from qpacknet.nets import PopulationNet, build, build_from_meta
-from qpacknet.pipeline import MODEL_FILE, Pipeline
-from qpacknet.progress import Progress
+from qpacknet.pipeline import MODEL_FILE
 from qpacknet.scenarios.base import Split, TaskData, TaskStream
 from qpacknet.search import draw_mask
-from qpacknet.train import EpochReport, fit, logits_of
-from qpacknet.worker import TaskContext
+from qpacknet.train import EpochReport, logits_of
 from tests.conftest import BlobStream, tiny_config
+from tests.helpers import (
+    all_available,
+    assert_same_candidate,
+    fit_first_task,
+    learn_checking_old_logits,
+    local_pipeline,
+    search_results,
+)
 
 # backbone -> (net settings, input shape): the smallest inputs and widths each one allows
 BACKBONES: dict[str, tuple[dict, tuple[int, int, int]]] = {
@@ -62,7 +67,7 @@ def _candidates(
 ) -> tuple[PopulationNet, list[dict[str, torch.Tensor]]]:
     """Candidates as SEARCH starts them: masks and Xavier weights keyed by candidate index."""
     net = _net(name, len(candidates), dtype)
-    avail = {s.name: torch.ones(s.shape, dtype=torch.bool) for s in net.layer_specs}
+    avail = all_available(net.layer_specs)
     masks = [draw_mask(net.layer_specs, avail, SearchConfig(), 5, 0, c) for c in candidates]
     net.init_candidates(5, 0, candidates)
     net.set_masks(masks)
@@ -72,23 +77,9 @@ def _candidates(
 def _train(
     net: PopulationNet, stream: ImageBlobs, dtype: torch.dtype
 ) -> tuple[list[float], list[list[float]], list[list[float]]]:
-    task = stream.task(0)
-    cast = lambda s: Split(s.x.to(dtype), s.y)  # noqa: E731
     cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, lr_min=0.001, weight_decay=1e-4)
     reports: list[EpochReport] = []
-    accs = fit(
-        net,
-        cast(task.train),
-        cast(task.val),
-        cfg,
-        seed=1,
-        task=0,
-        stage="t",
-        epochs=2,
-        schedule=True,
-        keep_best=True,
-        on_epoch=reports.append,
-    )
+    accs = fit_first_task(net, stream, dtype, cfg, on_epoch=reports.append)
     return accs, [r.loss for r in reports], [r.val_acc for r in reports]
 
 
@@ -110,14 +101,7 @@ def test_population_equals_separate_trainings(name: str, dtype: torch.dtype, ato
         assert [v[0] for v in val] == [v[i] for v in pop_val]
         for got, want in zip(loss, pop_loss, strict=True):
             assert got[0] == pytest.approx(want[i], abs=atol)
-        wp, mp, sp = pop.candidate(i)
-        ws, ms, ss = single.candidate(0)
-        assert set(sp) == set(single.task_param_names)
-        for key in wp:
-            assert torch.equal(mp[key], ms[key])
-            torch.testing.assert_close(wp[key], ws[key], atol=atol, rtol=0)
-        for key in sp:
-            torch.testing.assert_close(sp[key], ss[key], atol=atol, rtol=atol)
+        assert_same_candidate(pop, i, single, atol, state_rtol=atol)
     after = pop.candidate(1)[2]
     assert not torch.equal(before["head.weight"], after["head.weight"])
     stats = [k for k in after if k.endswith("running_var")]
@@ -156,11 +140,7 @@ def _search(name: str, per_worker: int | None) -> list[tuple[int, float, float]]
         search={"population": 3, "epochs": 2},
         executor={"candidates_per_worker": per_worker},
     )
-    probe = _net(name, 1)
-    avail = {s.name: torch.ones(s.shape, dtype=torch.bool) for s in probe.layer_specs}
-    ex = LocalExecutor()
-    ex.begin_task(TaskContext(cfg, 0, shape, CLASSES, avail), stream)
-    return [(r.index, r.acc, r.sparsity) for r in ex.search()]
+    return search_results(cfg, stream, all_available(_net(name, 1).layer_specs))
 
 
 def test_candidate_results_do_not_depend_on_chunking() -> None:
@@ -183,21 +163,15 @@ def test_old_tasks_bit_identical_through_the_pipeline(
     settings, shape = BACKBONES[name]
     settings = {**settings, "channels_last": channels_last}
     stream = ImageBlobs(shape, num_tasks=3)
-    cfg = tiny_config(
+    pipe = local_pipeline(
+        tmp_path,
+        stream,
         net=settings,
         search={"population": 3, "epochs": 1},
         train={"epochs": 2, "batch_size": 16},
     )
-    pipe = Pipeline(cfg, stream, LocalExecutor(), tmp_path, Progress(verbose=False))
     probe = torch.randn(20, *shape, generator=torch.Generator().manual_seed(9))
-    recorded: list[torch.Tensor] = []
-    for t in range(stream.num_tasks):
-        pipe.learn_task(t)
-        model = PackedModel.load(tmp_path / MODEL_FILE)
-        recorded.append(model.logits(t, probe))
-        for j in range(t + 1):
-            again = PackedModel.load(tmp_path / MODEL_FILE).logits(j, probe)
-            assert torch.equal(again, recorded[j]), f"{name}: task {j} changed after task {t}"
+    recorded = learn_checking_old_logits(pipe, probe, label=f"{name}: ")
     assert pipe.matrix.bwt == 0.0
     model = PackedModel.load(tmp_path / MODEL_FILE)
     assert model.input_shape == shape

@@ -14,8 +14,8 @@ from torchvision.transforms.v2.functional import to_pil_image
 from qpacknet.cli import main
 from qpacknet.config import load_config
 from qpacknet.errors import ConfigError, DataError
-from qpacknet.model import PackedModel
 from qpacknet.scenarios import FolderStream, build_stream
+from tests.helpers import learn_one_more_task
 
 
 def _image(label: int, i: int, task: int = 0, size: tuple[int, int] = (8, 8)) -> torch.Tensor:
@@ -190,22 +190,12 @@ def test_learn_takes_a_new_task_folder_as_the_next_task(tmp_path: Path, capsys) 
     ran, err = capsys.readouterr()
     assert rc == 0, err
     assert "registered model 'qpacknet-folders', versions 1, 2" in ran, ran[-2000:] + err
-    model = PackedModel.load(out / "model.safetensors")
     stream = _stream(data, 2)
 
     # the user's next task arrives as a new folder; learn adds it as the next model version
     _write_flat_task(data, "task-2", ["a", "b"], 12, task=2)
-    uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
     learned = tmp_path / "learned"
-    learn = ["learn", "--model", "models:/qpacknet-folders/latest", "--tracking-uri", uri]
-    rc = main([*learn, "--out", str(learned), "--executor", "local", "--quiet"])
-    printed, err = capsys.readouterr()
-    assert rc == 0, err
-    assert "versions 3" in printed
+    after = learn_one_more_task(out, "qpacknet-folders", learned, stream, capsys)
+    assert after.num_tasks == 3
     res = json.loads((learned / "results.json").read_text())
     assert len(res["tasks"]) == 3 and res["bwt"] == 0.0
-    after = PackedModel.load(learned / "model.safetensors")
-    assert after.num_tasks == 3
-    for j in range(2):
-        x = stream.test_split(j).x
-        assert torch.equal(after.logits(j, x), model.logits(j, x))

@@ -15,6 +15,7 @@ from qpacknet.config import load_config
 from qpacknet.errors import ConfigError, DataError
 from qpacknet.model import PackedModel
 from qpacknet.scenarios import NpzStream, PermutedDigits, build_stream
+from tests.helpers import learn_one_more_task
 
 
 def _write_digits_tasks(root: Path, n: int, with_test: bool = True) -> None:
@@ -116,16 +117,5 @@ def test_run_on_npz_then_learn_a_task_from_a_new_file(tmp_path: Path, capsys) ->
     # the user's next task arrives as a new file; learn adds it as the next model version
     _write_digits_tasks(tmp_path / "three", 3)
     (tmp_path / "three" / "task-002.npz").rename(data / "task-002.npz")
-    uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
-    learned = tmp_path / "learned"
-    learn = ["learn", "--model", "models:/qpacknet-npz/latest", "--tracking-uri", uri]
-    capsys.readouterr()
-    rc = main([*learn, "--out", str(learned), "--executor", "local", "--quiet"])
-    printed, err = capsys.readouterr()
-    assert rc == 0, err
-    assert "versions 3" in printed
-    after = PackedModel.load(learned / "model.safetensors")
+    after = learn_one_more_task(out, "qpacknet-npz", tmp_path / "learned", stream, capsys)
     assert after.num_tasks == 3
-    for j in range(2):
-        x = stream.test_split(j).x
-        assert torch.equal(after.logits(j, x), model.logits(j, x))

@@ -9,31 +9,17 @@ import pytest
 import torch
 
 from qpacknet.errors import ModelFileError
-from qpacknet.executor import LocalExecutor
 from qpacknet.model import PackedModel
 from qpacknet.pipeline import MODEL_FILE, Pipeline
-from qpacknet.progress import Progress
-from tests.conftest import BlobStream, tiny_config
-
-
-def _pipeline(tmp_path: Path, stream: BlobStream, **over: dict) -> Pipeline:
-    cfg = tiny_config(**over)
-    return Pipeline(cfg, stream, LocalExecutor(), tmp_path, Progress(verbose=False))
+from tests.conftest import BlobStream
+from tests.helpers import learn_checking_old_logits, local_pipeline
 
 
 def test_old_tasks_logits_bit_identical_from_reloaded_file(tmp_path: Path) -> None:
     stream = BlobStream(num_tasks=4)
     probe = torch.randn(50, 12, generator=torch.Generator().manual_seed(9))
-    pipe = _pipeline(tmp_path, stream)
-    recorded: list[torch.Tensor] = []
-    for t in range(stream.num_tasks):
-        pipe.learn_task(t)
-        model = PackedModel.load(tmp_path / MODEL_FILE)
-        assert model.num_tasks == t + 1
-        recorded.append(model.logits(t, probe))
-        for j in range(t + 1):
-            again = PackedModel.load(tmp_path / MODEL_FILE).logits(j, probe)
-            assert torch.equal(again, recorded[j]), f"task {j} changed after task {t}"
+    pipe = local_pipeline(tmp_path, stream)
+    learn_checking_old_logits(pipe, probe)
     assert pipe.matrix.bwt == 0.0
     # every row was re-evaluated from the model: each diagonal equals a fresh evaluation
     model = PackedModel.load(tmp_path / MODEL_FILE)
@@ -43,7 +29,7 @@ def test_old_tasks_logits_bit_identical_from_reloaded_file(tmp_path: Path) -> No
 
 def test_tasks_learn_their_own_function(tmp_path: Path) -> None:
     stream = BlobStream(num_tasks=2)
-    pipe = _pipeline(tmp_path, stream, train={"epochs": 8})
+    pipe = local_pipeline(tmp_path, stream, train={"epochs": 8})
     pipe.run()
     model = PackedModel.load(tmp_path / MODEL_FILE)
     for j in range(2):
@@ -55,8 +41,8 @@ def test_tasks_learn_their_own_function(tmp_path: Path) -> None:
 
 def test_results_json_and_determinism(tmp_path: Path) -> None:
     stream = BlobStream(num_tasks=2)
-    a = _pipeline(tmp_path / "a", stream).run()
-    b = _pipeline(tmp_path / "b", BlobStream(num_tasks=2)).run()
+    a = local_pipeline(tmp_path / "a", stream).run()
+    b = local_pipeline(tmp_path / "b", BlobStream(num_tasks=2)).run()
     on_disk = json.loads((tmp_path / "a" / "results.json").read_text())
     for key in (
         "scenario",
@@ -97,7 +83,7 @@ def test_results_json_and_determinism(tmp_path: Path) -> None:
 
 def test_winner_has_the_best_score_and_commit_uses_available_weights(tmp_path: Path) -> None:
     stream = BlobStream(num_tasks=3)
-    pipe = _pipeline(tmp_path, stream, quantize={"b_max": 8, "psi_min": 8, "delta": 100.0})
+    pipe = local_pipeline(tmp_path, stream, quantize={"b_max": 8, "psi_min": 8, "delta": 100.0})
     pipe.run()
     for rep in pipe.task_reports:
         scores = [c["score"] for c in rep["candidates"]]
@@ -128,7 +114,7 @@ class _Crash(RuntimeError):
 def test_driver_crash_then_resume_equals_uninterrupted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: int
 ) -> None:
-    full = _pipeline(tmp_path / "full", BlobStream(num_tasks=3)).run()
+    full = local_pipeline(tmp_path / "full", BlobStream(num_tasks=3)).run()
     original = Pipeline.learn_task
 
     def dying(self: Pipeline, t: int) -> None:
@@ -138,10 +124,10 @@ def test_driver_crash_then_resume_equals_uninterrupted(
 
     monkeypatch.setattr(Pipeline, "learn_task", dying)
     with pytest.raises(_Crash):
-        _pipeline(tmp_path / "cut", BlobStream(num_tasks=3)).run()
+        local_pipeline(tmp_path / "cut", BlobStream(num_tasks=3)).run()
     assert not (tmp_path / "cut" / "results.json").exists()
     monkeypatch.setattr(Pipeline, "learn_task", original)
-    resumed = _pipeline(tmp_path / "cut", BlobStream(num_tasks=3)).run()
+    resumed = local_pipeline(tmp_path / "cut", BlobStream(num_tasks=3)).run()
     assert _without_timings(resumed) == _without_timings(full)
     assert (tmp_path / "cut" / MODEL_FILE).read_bytes() == (
         tmp_path / "full" / MODEL_FILE
@@ -149,17 +135,17 @@ def test_driver_crash_then_resume_equals_uninterrupted(
 
 
 def test_crash_between_model_and_checkpoint_relearns_the_task(tmp_path: Path) -> None:
-    full = _pipeline(tmp_path / "full", BlobStream(num_tasks=2)).run()
-    cut = _pipeline(tmp_path / "cut", BlobStream(num_tasks=2))
+    full = local_pipeline(tmp_path / "full", BlobStream(num_tasks=2)).run()
+    cut = local_pipeline(tmp_path / "cut", BlobStream(num_tasks=2))
     cut.learn_task(0)
     cut._checkpoint(1.0)
     cut.learn_task(1)  # model saved with 2 tasks, checkpoint still says 1
-    resumed = _pipeline(tmp_path / "cut", BlobStream(num_tasks=2)).run()
+    resumed = local_pipeline(tmp_path / "cut", BlobStream(num_tasks=2)).run()
     assert _without_timings(resumed) == _without_timings(full)
 
 
 def test_damaged_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    _pipeline(tmp_path, BlobStream(num_tasks=1)).run()
+    local_pipeline(tmp_path, BlobStream(num_tasks=1)).run()
     (tmp_path / "checkpoint.json").write_text('{"format": "qpacknet-checkpoint", "vers')
     with pytest.raises(ModelFileError, match=r"checkpoint\.json is damaged"):
-        _pipeline(tmp_path, BlobStream(num_tasks=1)).run()
+        local_pipeline(tmp_path, BlobStream(num_tasks=1)).run()

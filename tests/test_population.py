@@ -5,40 +5,25 @@ from __future__ import annotations
 import torch
 
 from qpacknet.config import TrainConfig
-from qpacknet.executor import LocalExecutor
 from qpacknet.nets import PopulationMLP
-from qpacknet.train import fit
-from qpacknet.worker import TaskContext, init_population
+from qpacknet.worker import init_population
 from tests.conftest import BlobStream, tiny_config
+from tests.helpers import all_available, assert_same_candidate, fit_first_task, search_results
 
 
 def _population(k: int, dtype: torch.dtype) -> tuple[PopulationMLP, BlobStream]:
     stream = BlobStream(num_tasks=1, dim=12, classes=4, n=96)
     net = PopulationMLP(12, [10, 8], 4, k).to(dtype)
     cfg = tiny_config(seed=7)
-    avail = {s.name: torch.ones(s.shape, dtype=torch.bool) for s in net.layer_specs}
-    init_population(net, avail, cfg, 0, list(range(k)))
+    init_population(net, all_available(net.layer_specs), cfg, 0, list(range(k)))
     return net, stream
 
 
 def _train(net: PopulationMLP, stream: BlobStream, dtype: torch.dtype, opt: str) -> list[float]:
-    task = stream.task(0)
-    cast = lambda s: type(s)(s.x.to(dtype), s.y)  # noqa: E731
     cfg = TrainConfig(
         epochs=3, batch_size=10, lr=0.05, lr_min=0.001, optimizer=opt, weight_decay=1e-4
     )
-    return fit(
-        net,
-        cast(task.train),
-        cast(task.val),
-        cfg,
-        seed=1,
-        task=0,
-        stage="t",
-        epochs=3,
-        schedule=True,
-        keep_best=True,
-    )
+    return fit_first_task(net, stream, dtype, cfg)
 
 
 def _compare(dtype: torch.dtype, opt: str, atol: float) -> None:
@@ -54,13 +39,7 @@ def _compare(dtype: torch.dtype, opt: str, atol: float) -> None:
     single_acc = [_train(n, stream, dtype, opt)[0] for n in singles]
     assert pop_acc == single_acc
     for i, net in enumerate(singles):
-        wp, mp, sp = pop.candidate(i)
-        ws, ms, ss = net.candidate(0)
-        for name in wp:
-            assert torch.equal(mp[name], ms[name])
-            torch.testing.assert_close(wp[name], ws[name], atol=atol, rtol=0)
-        for name in sp:
-            torch.testing.assert_close(sp[name], ss[name], atol=atol, rtol=0)
+        assert_same_candidate(pop, i, net, atol)
 
 
 def test_population_equals_separate_trainings_float64_sgd() -> None:
@@ -84,15 +63,12 @@ def test_training_changes_only_masked_weights_effectively() -> None:
 
 
 def _search(per_worker: int | None) -> list[tuple[int, float, float]]:
-    stream = BlobStream(num_tasks=1)
     cfg = tiny_config(executor={"candidates_per_worker": per_worker})
-    ex = LocalExecutor()
     avail = {
         "fc0": torch.ones(16, 12, dtype=torch.bool),
         "fc1": torch.ones(16, 16, dtype=torch.bool),
     }
-    ex.begin_task(TaskContext(cfg, 0, (12,), 4, avail), stream)
-    return [(r.index, r.acc, r.sparsity) for r in ex.search()]
+    return search_results(cfg, BlobStream(num_tasks=1), avail)
 
 
 def test_candidate_results_do_not_depend_on_chunking() -> None:
