@@ -98,5 +98,6 @@ def truncate(store: PackedStore, num_tasks: int) -> PackedStore:
             store.codebooks(t),
             store.bit_width(t),
             store.task_state(t),
+            store.shared(t),
         )
     return fresh

@@ -309,6 +309,16 @@ def _summary(results: dict[str, Any], pipeline: Any, out: Path) -> None:
         f"bits per task: {bits}"
     )
     print(
+        f"without task ids: task inferred right {results['task_inference_acc']:.2f}%, "
+        f"class-incremental ACC {results['class_incremental_acc']:.2f}% "
+        f"(task-incremental ACC {results['acc']:.2f}%)"
+    )
+    if results.get("shared_pct"):
+        print(
+            f"weight sharing: tasks read {results['shared_pct']:.2f}% of the prunable weights "
+            "from earlier tasks, at no cost in bits"
+        )
+    print(
         f"packed model {results['packed_bytes']:,} bytes "
         f"(dense float32 backbone: {results['dense_float32_bytes']:,} bytes)"
     )

@@ -103,6 +103,30 @@ class SearchConfig(_Strict):
         return self
 
 
+class SharingConfig(_Strict):
+    """TinySubNets weight sharing (DESIGN.md §2), off by default: each candidate also reads a
+    random part of the weights earlier tasks claimed, read-only and at no cost in bits.
+
+    Per candidate and layer a fraction ``f ~ U[min_fraction, max_fraction]`` of the layer's
+    claimed weights that the candidate does not own is drawn uniformly (keyed like its mask by
+    seed, task and candidate index). The range is this project's choice; TinySubNets shares by
+    reusing earlier tasks' weights wherever they help, which a random draw approximates in the
+    same way Algorithm 1 approximates pruning."""
+
+    enabled: bool = Field(False, description="share earlier tasks' weights (TinySubNets)")
+    min_fraction: float = Field(0.2, ge=0.0, le=1.0, description="lowest share fraction")
+    max_fraction: float = Field(0.8, ge=0.0, le=1.0, description="highest share fraction")
+
+    @model_validator(mode="after")
+    def _check(self) -> SharingConfig:
+        if self.min_fraction > self.max_fraction:
+            raise ValueError(
+                f"min_fraction ({self.min_fraction}) must not exceed max_fraction "
+                f"({self.max_fraction})"
+            )
+        return self
+
+
 class TrainConfig(_Strict):
     """Optimiser and schedule shared by SEARCH and TRAIN (the paper gives only the lr range)."""
 
@@ -198,6 +222,7 @@ class RunConfig(_Strict):
     scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
     net: NetConfig = Field(default_factory=NetConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    sharing: SharingConfig = Field(default_factory=SharingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)

@@ -1,8 +1,11 @@
-"""Continual-learning metrics: accuracy matrix, ACC, BWT (DESIGN.md §2, Metrics)."""
+"""Continual-learning metrics: accuracy matrix, ACC, BWT, task inference (DESIGN.md §2)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
 
 
 class AccuracyMatrix:
@@ -44,3 +47,69 @@ class AccuracyMatrix:
             cells = " ".join(f"{v:6.2f}" for v in row)
             lines.append(f"task {i:>3d} {cells}")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class InferenceFigures:
+    """Class-incremental figures over the tasks committed so far (means over tasks, in %)."""
+
+    task_inference_acc: float
+    class_incremental_acc: float
+    per_task: list[dict[str, float]]
+
+
+class TaskInference:
+    """Class-incremental evaluation (DESIGN.md §2, Inference): without a task id, run every
+    task's sub-network and take the task whose prediction has the lowest entropy.
+
+    For test task j, *task-inference accuracy* is the share of its inputs whose inferred task is
+    j; *class-incremental accuracy* the share whose inferred task is j and whose prediction under
+    that task's head is the label. Ties in entropy go to the lower task index.
+
+    Because committed tasks are frozen, sub-network i's outputs on test set j never change once
+    both exist; each pair (i, j) is therefore evaluated once and cached, so adding task T costs
+    the ``2T+1`` new pairs rather than ``(T+1)²``. After a resume the cache is rebuilt from the
+    packed model, which gives the same figures.
+    """
+
+    def __init__(self) -> None:
+        self._pairs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(
+        self,
+        num_tasks: int,
+        logits: Callable[[int, int], torch.Tensor],
+        labels: Callable[[int], torch.Tensor],
+    ) -> InferenceFigures:
+        """Figures over tasks ``0..num_tasks-1``; ``logits(i, j)`` is sub-network i on test
+        task j's inputs (``[N_j, C]``), ``labels(j)`` test task j's labels."""
+        for j in range(num_tasks):
+            y = None
+            for i in range(num_tasks):
+                if (i, j) in self._pairs:
+                    continue
+                if y is None:
+                    y = labels(j).cpu()
+                out = logits(i, j).detach().float().cpu()
+                logp = torch.log_softmax(out, dim=-1)
+                entropy = -(logp.exp() * logp).sum(-1)
+                self._pairs[(i, j)] = (entropy, out.argmax(-1) == y)
+        per_task = []
+        for j in range(num_tasks):
+            entropies = torch.stack([self._pairs[(i, j)][0] for i in range(num_tasks)])
+            correct = torch.stack([self._pairs[(i, j)][1] for i in range(num_tasks)])
+            inferred = entropies.argmin(0)
+            right = inferred == j
+            per_task.append(
+                {
+                    "task_inference_acc": 100.0 * int(right.sum()) / right.numel(),
+                    "class_incremental_acc": 100.0
+                    * int((right & correct[j]).sum())
+                    / right.numel(),
+                }
+            )
+        return InferenceFigures(
+            task_inference_acc=sum(p["task_inference_acc"] for p in per_task) / num_tasks,
+            class_incremental_acc=sum(p["class_incremental_acc"] for p in per_task) / num_tasks,
+            per_task=per_task,
+        )

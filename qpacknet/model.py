@@ -55,7 +55,7 @@ class PackedModel:
         if task not in self._nets:
             net = build_from_meta(self.store.meta, k=1)
             net.load_candidate(
-                0, self.store.decode(task), self.store.mask(task), self.store.task_state(task)
+                0, self.store.decode(task), self.store.uses(task), self.store.task_state(task)
             )
             self._nets[task] = net.to(self.device).eval()
         return self._nets[task]

@@ -25,7 +25,7 @@ from qpacknet.errors import ModelFileError, UsageError
 from qpacknet.executor import Executor
 from qpacknet.fileio import atomic_write_json, atomic_write_text
 from qpacknet.layout import CONFIG_FILE, MODEL_FILE, RESULTS_FILE
-from qpacknet.metrics import AccuracyMatrix
+from qpacknet.metrics import AccuracyMatrix, InferenceFigures, TaskInference
 from qpacknet.model import PackedModel
 from qpacknet.nets import build
 from qpacknet.observers import RunObserver, RunStarted, TaskCommitted
@@ -34,6 +34,7 @@ from qpacknet.scenarios.base import TaskStream
 from qpacknet.search import CandidateResult, scores, select_winner
 from qpacknet.stages import Stage, TaskStages
 from qpacknet.store import PackedStore
+from qpacknet.store.capacity import TaskCapacity
 from qpacknet.train import EpochReport
 from qpacknet.worker import QuantizedTask, TaskContext
 
@@ -116,6 +117,8 @@ class Pipeline:
         )
         self.model = PackedModel(self.store, self.device, config.train.eval_batch_size)
         self.matrix = AccuracyMatrix()
+        self.inference = TaskInference()
+        self.inference_figures: InferenceFigures | None = None
         self.task_reports: list[dict[str, Any]] = []
         self.totals = _Timer()
         self._seconds_before = 0.0
@@ -249,6 +252,7 @@ class Pipeline:
             self.store.available(),
             self.device,
             next((s for s in specs if s is not None), None),
+            *self._sharing(),
         )
         self.executor.begin_task(ctx, self.stream)
         val = self.stream.val_split(t)
@@ -296,7 +300,11 @@ class Pipeline:
 
         stages.advance(Stage.COMMIT)
         t0 = time.perf_counter()
-        task_id = self.store.commit(q.masks, q.codes, q.codebooks, q.bit_width, q.task_state)
+        if q.shared is not None and not self.config.sharing.enabled:
+            raise RuntimeError(f"task {t}: QUANTIZE returned shared weights with sharing off")
+        task_id = self.store.commit(
+            q.masks, q.codes, q.codebooks, q.bit_width, q.task_state, q.shared
+        )
         self.model.refresh()
         packed_val = self.model.accuracy(task_id, val)
         if packed_val != q.quant_acc:
@@ -312,9 +320,31 @@ class Pipeline:
         t0 = time.perf_counter()
         row = self.matrix.add_row(lambda j: self.model.accuracy(j, self.stream.test_split(j)))
         timer.seconds["evaluate"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        inference = self._infer_tasks(t + 1)
+        timer.seconds["task_inference"] = time.perf_counter() - t0
         cap = self.store.capacity()
         self.progress.task_done(t, row, cap.capacity_pct)
-        self._record(t, results, sc, winner, q, timer, cap.per_task[t].pct)
+        self.progress.task_inference(t, inference)
+        self.inference_figures = inference
+        self._record(t, results, sc, winner, q, timer, cap.per_task[t])
+        self.task_reports[t]["task_inference_acc"] = inference.task_inference_acc
+        self.task_reports[t]["class_incremental_acc"] = inference.class_incremental_acc
+
+    def _infer_tasks(self, num_tasks: int) -> InferenceFigures:
+        """Class-incremental figures over the committed tasks (no task id given)."""
+
+        def logits(i: int, j: int) -> torch.Tensor:
+            return self.model.logits(i, self.stream.test_split(j).x)
+
+        return self.inference.update(num_tasks, logits, lambda j: self.stream.test_split(j).y)
+
+    def _sharing(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+        """What a new task may share (TinySubNets option): the claimed weights and their
+        first-component values; ``(None, None)`` when sharing is off or nothing is claimed."""
+        if not self.config.sharing.enabled or self.store.num_tasks == 0:
+            return None, None
+        return self.store.claimed(), self.store.first_values()
 
     def _check_search(self, results: list[CandidateResult]) -> None:
         expected = list(range(self.config.search.population))
@@ -342,7 +372,7 @@ class Pipeline:
         winner: int,
         q: QuantizedTask,
         timer: _Timer,
-        capacity_pct: float,
+        cap: TaskCapacity,
     ) -> None:
         for key in ("train_seconds", "eval_seconds", "candidate_epochs"):
             setattr(self.totals, key, getattr(self.totals, key) + getattr(timer, key))
@@ -353,8 +383,15 @@ class Pipeline:
                 "task": t,
                 "bit_width": q.bit_width,
                 "density": self.store.density(t),
+                "shared_pct": cap.shared_pct,
                 "candidates": [
-                    {"index": r.index, "acc": r.acc, "sparsity": r.sparsity, "score": s}
+                    {
+                        "index": r.index,
+                        "acc": r.acc,
+                        "sparsity": r.sparsity,
+                        "score": s,
+                        "shared": r.shared,
+                    }
                     for r, s in zip(results, sc, strict=True)
                 ],
                 "winner": winner,
@@ -362,12 +399,24 @@ class Pipeline:
                 "quant_acc": q.quant_acc,
                 "within_delta": q.within_delta,
                 "bits_tried": [{"bits": b, "acc": a} for b, a in q.tried],
-                "capacity_pct": capacity_pct,
+                "capacity_pct": cap.pct,
                 "seconds": dict(timer.seconds),
                 "candidate_epochs": timer.candidate_epochs,
                 "training_seconds": timer.train_seconds,
             }
         )
+
+    def _inference_results(self) -> dict[str, Any]:
+        """Task-inference and class-incremental accuracy after the last task (recomputed from
+        the packed model when the run was resumed after its last task)."""
+        figures = self.inference_figures
+        if figures is None:
+            figures = self._infer_tasks(self.store.num_tasks)
+        return {
+            "task_inference_acc": figures.task_inference_acc,
+            "class_incremental_acc": figures.class_incremental_acc,
+            "task_inference_per_task": figures.per_task,
+        }
 
     def _results(self, seconds_total: float) -> dict[str, Any]:
         cap = self.store.capacity()
@@ -382,6 +431,8 @@ class Pipeline:
             "bwt": self.matrix.bwt,
             "capacity_pct": cap.capacity_pct,
             "heads_pct": cap.heads_pct,
+            "shared_pct": cap.shared_pct,
+            **self._inference_results(),
             "packed_bytes": self.model_path.stat().st_size,
             "dense_float32_bytes": cap.dense_bits // 8,
             "tasks": self.task_reports,

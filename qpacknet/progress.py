@@ -10,6 +10,7 @@ import sys
 import time
 from typing import TextIO
 
+from qpacknet.metrics import InferenceFigures
 from qpacknet.search import CandidateResult
 from qpacknet.train import EpochReport
 
@@ -60,13 +61,21 @@ class Progress:
 
     def candidate(self, task: int, result: CandidateResult, score: float, winner: bool) -> None:
         mark = "  <- winner" if winner else ""
+        shared = f" shares {result.shared:.3f}" if result.shared else ""
         self.line(
             f"task {task + 1} candidate {result.index:>3d}: val acc {result.acc:6.2f} "
-            f"sparsity {result.sparsity:.3f} score {score:.4f}{mark}"
+            f"sparsity {result.sparsity:.3f}{shared} score {score:.4f}{mark}"
         )
 
     def stage(self, task: int, stage: str, seconds: float, summary: str) -> None:
         self.line(f"task {task + 1} {stage} done in {seconds:.1f}s: {summary}")
+
+    def task_inference(self, task: int, figures: InferenceFigures) -> None:
+        self.line(
+            f"task {task + 1} without task ids: task inferred right "
+            f"{figures.task_inference_acc:.2f}%, class-incremental acc "
+            f"{figures.class_incremental_acc:.2f}%"
+        )
 
     def task_done(self, task: int, row: list[float], capacity_pct: float) -> None:
         cells = " ".join(f"{v:.2f}" for v in row)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qpacknet.config import SearchConfig
+from qpacknet.config import SearchConfig, SharingConfig
 from qpacknet.seeding import generator
 from qpacknet.store import LayerSpec
 
@@ -35,6 +35,33 @@ def draw_mask(
     return masks
 
 
+def draw_shared(
+    layers: list[LayerSpec],
+    claimed: dict[str, torch.Tensor],
+    owned: dict[str, torch.Tensor],
+    cfg: SharingConfig,
+    seed: int,
+    task: int,
+    candidate: int,
+) -> dict[str, torch.Tensor]:
+    """Candidate ``candidate``'s shared weights (TinySubNets option, DESIGN.md §2): per layer
+    a fraction ``f ~ U[min_fraction, max_fraction]`` of the earlier tasks' claimed weights that
+    the candidate does not own, picked uniformly. Drawn from its own generator, so turning
+    sharing on leaves the candidate's own mask and initial weights unchanged."""
+    g = generator(seed, "share", task, candidate)
+    shared = {}
+    for spec in layers:
+        f = cfg.min_fraction + (cfg.max_fraction - cfg.min_fraction) * torch.rand(
+            (), generator=g, dtype=torch.float64
+        )
+        pool = (claimed[spec.name].cpu() & ~owned[spec.name].cpu()).flatten().nonzero().flatten()
+        pick = pool[torch.randperm(pool.numel(), generator=g)[: round(float(f) * pool.numel())]]
+        m = torch.zeros(spec.numel, dtype=torch.bool)
+        m[pick] = True
+        shared[spec.name] = m.reshape(spec.shape)
+    return shared
+
+
 def weighted_sparsity(masks: dict[str, torch.Tensor]) -> float:
     """Υ (eqs. 6-7): the layer sparsities weighted by layer size, i.e. the fraction of all
     prunable weights the candidate does not own."""
@@ -51,6 +78,7 @@ class CandidateResult:
     acc: float
     sparsity: float
     density: dict[str, float]
+    shared: float = 0.0
 
 
 def scores(results: list[CandidateResult], alpha: float, beta: float) -> list[float]:

@@ -18,7 +18,7 @@ from qpacknet.errors import IllegalTransition
 from qpacknet.nets import PopulationNet, build
 from qpacknet.quantize import QuantResult, search_bit_width
 from qpacknet.scenarios.base import Split
-from qpacknet.search import CandidateResult, draw_mask, weighted_sparsity
+from qpacknet.search import CandidateResult, draw_mask, draw_shared, weighted_sparsity
 from qpacknet.tracking.spec import CandidateTracking
 from qpacknet.train import EpochCallback, evaluate, fit
 
@@ -34,6 +34,13 @@ class TaskContext:
     available: dict[str, torch.Tensor]
     device: str = "cpu"
     tracking: CandidateTracking | None = None
+    claimed: dict[str, torch.Tensor] | None = None
+    frozen: dict[str, torch.Tensor] | None = None
+
+    @property
+    def sharing(self) -> bool:
+        """Weight sharing is on and there are earlier tasks to share from."""
+        return self.claimed is not None and self.frozen is not None
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class QuantizedTask:
     quant_acc: float
     within_delta: bool
     tried: list[tuple[int, float]] = field(default_factory=list)
+    shared: dict[str, torch.Tensor] | None = None
 
 
 def init_population(
@@ -66,16 +74,34 @@ def init_population(
     cfg: RunConfig,
     task: int,
     candidates: list[int],
+    claimed: dict[str, torch.Tensor] | None = None,
+    frozen: dict[str, torch.Tensor] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Algorithm 1's start for ``candidates``: draw each one's mask among the available
-    weights and give it fresh Xavier weights; returns the masks (on the CPU)."""
+    weights and give it fresh Xavier weights; returns the masks (on the CPU). With ``claimed``
+    and ``frozen`` (weight sharing) each candidate also draws the earlier tasks' weights it
+    shares (:func:`~qpacknet.search.draw_shared`), read through ``net.set_sharing``."""
     masks = [
         draw_mask(net.layer_specs, available, cfg.search, cfg.seed, task, c) for c in candidates
     ]
     net.init_candidates(cfg.seed, task, candidates)
     device = next(net.parameters()).device
     net.set_masks([{k: v.to(device) for k, v in m.items()} for m in masks])
+    if claimed is not None and frozen is not None:
+        shared = [
+            draw_shared(net.layer_specs, claimed, m, cfg.sharing, cfg.seed, task, c)
+            for c, m in zip(candidates, masks, strict=True)
+        ]
+        net.set_sharing(frozen, shared)
     return masks
+
+
+def _shared_fraction(net: PopulationNet, i: int) -> float:
+    """Fraction of all prunable weights slot ``i`` shares (0.0 without sharing)."""
+    shared = net.shared_mask(i)
+    if shared is None:
+        return 0.0
+    return sum(int(m.sum()) for m in shared.values()) / net.num_prunable()
 
 
 class CandidateWorker:
@@ -103,7 +129,15 @@ class CandidateWorker:
         if self.population is not None:
             raise IllegalTransition("this worker already searched its chunk")
         net = self._new_net(len(candidates))
-        masks = init_population(net, self.ctx.available, self.cfg, self.ctx.task, candidates)
+        masks = init_population(
+            net,
+            self.ctx.available,
+            self.cfg,
+            self.ctx.task,
+            candidates,
+            self.ctx.claimed,
+            self.ctx.frozen,
+        )
         accs = fit(
             net,
             self.train_split,
@@ -125,8 +159,9 @@ class CandidateWorker:
                 acc=acc,
                 sparsity=weighted_sparsity(m),
                 density={k: float(v.float().mean()) for k, v in m.items()},
+                shared=_shared_fraction(net, i),
             )
-            for c, acc, m in zip(candidates, accs, masks, strict=True)
+            for i, (c, acc, m) in enumerate(zip(candidates, accs, masks, strict=True))
         ]
 
     def holds(self, candidate: int) -> bool:
@@ -138,9 +173,13 @@ class CandidateWorker:
         if self.population is None or candidate not in self.candidates:
             raise IllegalTransition(f"candidate {candidate} was not searched by this worker")
         start = time.perf_counter()
-        weights, masks, state = self.population.candidate(self.candidates.index(candidate))
+        slot = self.candidates.index(candidate)
+        weights, masks, state = self.population.candidate(slot)
         single = self._new_net(1)
         single.load_candidate(0, weights, masks, state)
+        self._copy_sharing(self.population, slot, single)
+        if hasattr(single, "key_dropout"):
+            single.key_dropout(self.cfg.seed, self.ctx.task, [candidate])
         acc = fit(
             single,
             self.train_split,
@@ -163,6 +202,8 @@ class CandidateWorker:
             raise IllegalTransition("quantize() needs a trained winner: call train() first")
         weights, masks, state = self.single.candidate(0)
         probe = self._new_net(1)
+        self._copy_sharing(self.single, 0, probe)
+        shared = self.single.shared_mask(0)
 
         def accuracy(dense: dict[str, torch.Tensor]) -> float:
             probe.load_candidate(0, dense, masks, state)
@@ -183,4 +224,12 @@ class CandidateWorker:
             quant_acc=res.quant_acc,
             within_delta=res.within_delta,
             tried=res.tried,
+            shared=None if shared is None else {k: v.cpu() for k, v in shared.items()},
         )
+
+    @staticmethod
+    def _copy_sharing(source: PopulationNet, slot: int, target: PopulationNet) -> None:
+        """Give ``target`` (K=1) the shared weights of ``source``'s slot, if it shares any."""
+        shared, frozen = source.shared_mask(slot), source.frozen_values()
+        if shared is not None and frozen is not None:
+            target.set_sharing(frozen, [shared])

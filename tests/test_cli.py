@@ -36,6 +36,7 @@ def test_digits_preset_end_to_end(tmp_path: Path) -> None:
     assert "executor ray" in proc.stdout, "Ray is the default executor"
     assert "accuracy matrix" in proc.stdout and "BWT 0.00" in proc.stdout
     assert "task 4 SEARCH candidates 0-5 epoch 4/4" in proc.stdout
+    assert "class-incremental ACC" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     assert res["scenario"] == "digits" and len(res["tasks"]) == 4
     assert res["bwt"] == 0.0
@@ -56,6 +57,10 @@ def test_digits_preset_end_to_end(tmp_path: Path) -> None:
     assert (out / "model.safetensors").read_bytes() == model_bytes
     res2 = json.loads((out / "results.json").read_text())
     assert res2["accuracy_matrix"] == res["accuracy_matrix"] and res2["tasks"] == res["tasks"]
+    # task inference is recomputed from the packed model after the resume: same figures
+    keys = ("task_inference_acc", "class_incremental_acc", "task_inference_per_task")
+    assert [res2[k] for k in keys] == [res[k] for k in keys]
+    assert 25.0 < res["class_incremental_acc"] <= res["task_inference_acc"] <= 100.0
     # other settings into the same dir are refused, and nothing is overwritten
     other = _run("run", "--preset", "digits", "--set", "search.population=3", "--out", str(out))
     assert other.returncode == 2 and "different configuration" in other.stderr

@@ -39,7 +39,9 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def _stream(kind: str) -> TaskStream:
     """``blobs`` has no worker copy (each task's data is sent); ``digits`` has one (actors
     rebuild each task from the stream they got once)."""
-    return BlobStream(num_tasks=2) if kind == "blobs" else PermutedDigits(num_tasks=2, seed=3)
+    return (
+        BlobStream(num_tasks=2) if kind.startswith("blobs") else PermutedDigits(num_tasks=2, seed=3)
+    )
 
 
 def _run(tmp: Path, executor: object, kind: str = "blobs") -> dict:
@@ -50,11 +52,12 @@ def _run(tmp: Path, executor: object, kind: str = "blobs") -> dict:
             "cpus_per_worker": 1,
             "gpus_per_worker": 0,
         },
+        sharing={"enabled": kind.endswith("sharing")},
     )
     return Pipeline(cfg, _stream(kind), executor, tmp, Progress(verbose=False)).run()
 
 
-@pytest.mark.parametrize("kind", ["blobs", "digits"])
+@pytest.mark.parametrize("kind", ["blobs", "digits", "blobs-sharing"])
 def test_same_winner_and_packed_model_as_local(tmp_path: Path, local_ray: Path, kind: str) -> None:
     cfg = tiny_config(executor={"candidates_per_worker": 2})
     local = _run(tmp_path / "local", LocalExecutor(), kind)
@@ -71,6 +74,7 @@ def test_same_winner_and_packed_model_as_local(tmp_path: Path, local_ray: Path, 
         tmp_path / "local" / MODEL_FILE
     ).read_bytes()
     assert remote["executor"] == "ray"
+    assert (remote["shared_pct"] > 0) == kind.endswith("sharing")
 
 
 @pytest.mark.parametrize("kind", ["blobs", "digits"])

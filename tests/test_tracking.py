@@ -87,6 +87,8 @@ def test_hierarchy_metrics_and_artifacts_match_results(run: dict, capsys) -> Non
     m = parent.data.metrics
     assert m["acc"] == res["acc"] and m["bwt"] == res["bwt"]
     assert m["capacity_pct"] == res["capacity_pct"] and m["packed_bytes"] == res["packed_bytes"]
+    assert m["task_inference_acc"] == res["task_inference_acc"]
+    assert m["class_incremental_acc"] == res["class_incremental_acc"]
     assert parent.info.status == "FINISHED"
 
     tasks = sorted(children[parent.info.run_id], key=lambda r: r.info.run_name)
@@ -96,6 +98,7 @@ def test_hierarchy_metrics_and_artifacts_match_results(run: dict, capsys) -> Non
         assert tm["bit_width"] == rep["bit_width"] and tm["winner"] == rep["winner"]
         assert tm["quant_val_acc"] == rep["quant_acc"] and tm["float_val_acc"] == rep["float_acc"]
         assert tm["test_acc_task_1"] == res["accuracy_matrix"][t][0]
+        assert tm["task_inference_acc"] == rep["task_inference_acc"]
         hist = client.get_metric_history(task_run.info.run_id, "candidate_val_acc")
         assert sorted((h.step, h.value) for h in hist) == [
             (c["index"], c["acc"]) for c in rep["candidates"]

@@ -30,6 +30,7 @@ class PopulationNet(nn.Module):
         self.thetas = nn.ParameterDict()
         self.task_params = nn.ParameterDict()
         self._mask_names: dict[str, str] = {}
+        self._shared_keys: set[str] = set()
 
     def _add_prunable(self, name: str, shape: tuple[int, ...]) -> None:
         key = name.replace(".", "_")
@@ -64,7 +65,49 @@ class PopulationNet(nn.Module):
         return self.task_params[name.replace(".", "_")]
 
     def weight(self, name: str) -> torch.Tensor:
-        return self.theta(name) * self.mask(name)
+        """The effective weight: own ``theta * mask``, plus, with weight sharing, the earlier
+        tasks' frozen values where the candidate shares (no gradient reaches those)."""
+        w = self.theta(name) * self.mask(name)
+        key = self._mask_names[name]
+        if key in self._shared_keys:
+            w = w + getattr(self, f"frozen_{key}") * getattr(self, f"share_{key}")
+        return w
+
+    @torch.no_grad()
+    def set_sharing(
+        self, frozen: dict[str, torch.Tensor], shared: list[dict[str, torch.Tensor]]
+    ) -> None:
+        """Weight sharing (DESIGN.md §2): candidate k also reads ``frozen`` (the earlier tasks'
+        decoded values, :meth:`PackedStore.first_values`) where ``shared[k]`` is True. Both are
+        buffers, not parameters, so training cannot change them: shared weights are read-only."""
+        if len(shared) != self.k:
+            raise ValueError(f"need {self.k} shared masks, got {len(shared)}")
+        device = next(self.parameters()).device
+        for spec in self.layer_specs:
+            key = self._mask_names[spec.name]
+            stack = torch.stack([m[spec.name].to(torch.float32) for m in shared])
+            self.register_buffer(
+                f"frozen_{key}", frozen[spec.name].to(device, torch.float32), persistent=False
+            )
+            self.register_buffer(f"share_{key}", stack.to(device), persistent=False)
+            self._shared_keys.add(key)
+
+    def shared_mask(self, i: int) -> dict[str, torch.Tensor] | None:
+        """Slot ``i``'s shared-weight masks (bool, copies), or None without weight sharing."""
+        if not self._shared_keys:
+            return None
+        return {
+            s.name: getattr(self, f"share_{self._mask_names[s.name]}")[i].bool().clone()
+            for s in self.layer_specs
+        }
+
+    def frozen_values(self) -> dict[str, torch.Tensor] | None:
+        """The shared weights' frozen values per layer, or None without weight sharing."""
+        if not self._shared_keys:
+            return None
+        return {
+            s.name: getattr(self, f"frozen_{self._mask_names[s.name]}") for s in self.layer_specs
+        }
 
     @torch.no_grad()
     def set_masks(self, masks: list[dict[str, torch.Tensor]]) -> None:

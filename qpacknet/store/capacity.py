@@ -11,6 +11,11 @@ entry), and the mask term, which eq. 10 writes as ``(1-Υ_l)|M_l|`` with ``|M_l|
 bits), so that it compares with the paper's Table 2. The per-task heads and normalisation state
 are not in eq. 10; they are reported beside it as ``heads_pct`` (32 bits per element).
 All bit counts are exact integers: ``d_tl·|θ_l|`` is the task's owned-weight count.
+
+Weight sharing (TinySubNets option): a task's shared weights are read from earlier tasks'
+components, so they add nothing to ``CAP_t``; they are reported beside it, per task
+(``shared``, a count, and ``shared_pct`` of the prunable weights) and for the model
+(``shared_pct``, the sum over tasks), so the weights a task reads for free stay visible.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class TaskCapacity:
     bits: int
     pct: float
     density: dict[str, float]
+    shared: int = 0
+    shared_pct: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class CapacityReport:
     heads_pct: float
     per_task: list[TaskCapacity]
     dense_bits: int
+    shared_pct: float = 0.0
 
 
 def task_bits(owned: list[int], bit_width: int) -> int:
@@ -50,7 +58,8 @@ def task_bits(owned: list[int], bit_width: int) -> int:
 
 def capacity(store: PackedStore) -> CapacityReport:
     """Eq. 10 capacity of every committed task of ``store`` and the total, in % of dense."""
-    dense_bits = WORD_BITS * sum(spec.numel for spec in store.layers)
+    n_weights = sum(spec.numel for spec in store.layers)
+    dense_bits = WORD_BITS * n_weights
     per_task = []
     head_elements = 0
     for t in range(store.num_tasks):
@@ -58,6 +67,7 @@ def capacity(store: PackedStore) -> CapacityReport:
         masks = store.mask(t)
         owned = [int(masks[spec.name].sum()) for spec in store.layers]
         bits = task_bits(owned, width)
+        shared = sum(int(m.sum()) for m in store.shared(t).values())
         per_task.append(
             TaskCapacity(
                 task=t,
@@ -65,6 +75,8 @@ def capacity(store: PackedStore) -> CapacityReport:
                 bits=bits,
                 pct=100.0 * bits / dense_bits,
                 density={s.name: n / s.numel for s, n in zip(store.layers, owned, strict=True)},
+                shared=shared,
+                shared_pct=100.0 * shared / n_weights,
             )
         )
         head_elements += sum(v.numel() for v in store.task_state(t).values())
@@ -74,4 +86,5 @@ def capacity(store: PackedStore) -> CapacityReport:
         heads_pct=100.0 * WORD_BITS * head_elements / dense_bits,
         per_task=per_task,
         dense_bits=dense_bits,
+        shared_pct=sum(entry.shared_pct for entry in per_task),
     )

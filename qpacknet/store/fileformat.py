@@ -18,6 +18,9 @@ Tensors (``{t}`` is the task id, ``{layer}`` a layer name verbatim, dots include
     float32, ``2**b_t`` centroids.
 ``task.{t}.state.{name}``
     the task's ``task_state`` tensors as given (head weight and bias, normalisation state).
+``task.{t}.shared.{layer}``
+    only for a task that shares weights (TinySubNets option): uint8 bitset like the mask, the
+    earlier tasks' weights it reads. Shared weights have no codes.
 
 Header: the safetensors string metadata holds one key, ``"qpacknet"``, whose value is a JSON
 document:
@@ -25,7 +28,8 @@ document:
 ``format``
     ``"qpacknet-packed"``.
 ``version``
-    ``1``.
+    ``1``, or ``2`` when a task shares weights (so a reader that predates sharing refuses the
+    file instead of dropping the shared weights). This reader reads both.
 ``b_max``
     largest component width (the availability rule).
 ``layers``
@@ -34,7 +38,8 @@ document:
     the store's backbone description, verbatim.
 ``tasks``
     list, in task order, of ``{"bit_width": int, "code_counts": {layer: int}, "state": [name,
-    ...]}``; ``code_counts`` is each layer's mask popcount.
+    ...]}`` (plus ``"shared": true`` for a task that shares weights); ``code_counts`` is each
+    layer's mask popcount.
 ``sha256``
     ``{tensor name: hex digest}`` of every tensor's raw bytes, so that damage inside the tensor
     data (which safetensors itself does not detect) is caught on load.
@@ -64,6 +69,7 @@ from qpacknet.store.packed import LayerSpec, PackedStore
 
 FORMAT_NAME = "qpacknet-packed"
 FORMAT_VERSION = 1
+SHARING_VERSION = 2
 METADATA_KEY = "qpacknet"
 
 
@@ -93,16 +99,21 @@ def _encode(store: PackedStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]
             tensors[_tensor_name(t, "codebook", spec.name)] = books[spec.name].contiguous()
         for key, value in state.items():
             tensors[_tensor_name(t, "state", key)] = value.contiguous()
-        tasks.append(
-            {
-                "bit_width": width,
-                "code_counts": {s.name: int(codes[s.name].numel()) for s in store.layers},
-                "state": list(state),
-            }
-        )
+        entry: dict[str, Any] = {
+            "bit_width": width,
+            "code_counts": {s.name: int(codes[s.name].numel()) for s in store.layers},
+            "state": list(state),
+        }
+        shared = store.shared(t)
+        if any(bool(m.any()) for m in shared.values()):
+            entry["shared"] = True
+            for spec in store.layers:
+                tensors[_tensor_name(t, "shared", spec.name)] = pack_mask(shared[spec.name])
+        tasks.append(entry)
+    sharing = any(entry.get("shared") for entry in tasks)
     header = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": SHARING_VERSION if sharing else FORMAT_VERSION,
         "b_max": store.b_max,
         "layers": [{"name": s.name, "shape": list(s.shape)} for s in store.layers],
         "meta": store.meta,
@@ -189,11 +200,11 @@ def _read_header(path: Path, metadata: dict[str, str] | None) -> dict[str, Any]:
             f"format is {header.get('format')!r}, expected {FORMAT_NAME!r}",
             "pass a file written by qpacknet (PackedStore.save)",
         )
-    if header.get("version") != FORMAT_VERSION:
+    if header.get("version") not in (FORMAT_VERSION, SHARING_VERSION):
         raise _fail(
             path,
             f"format version {header.get('version')!r} is not supported (this qpacknet reads "
-            f"version {FORMAT_VERSION})",
+            f"versions {FORMAT_VERSION} and {SHARING_VERSION})",
             "load it with the qpacknet release that wrote it, or save it again with this one",
         )
     return header
@@ -227,6 +238,8 @@ def _check_tasks(path: Path, header: dict[str, Any], store: PackedStore) -> list
             )
             and isinstance(entry.get("state"), list)
             and all(isinstance(k, str) for k in entry["state"])
+            and entry.get("shared", False) in (True, False)
+            and not (entry.get("shared") and header.get("version") != SHARING_VERSION)
         )
         if not ok:
             raise _fail(path, f"header entry of task {t} is malformed", _DAMAGED_FIX)
@@ -255,6 +268,11 @@ def _expected_tensors(
                 (packed_nbytes(count, width),),
             )
             expected[_tensor_name(t, "codebook", spec.name)] = (torch.float32, (1 << width,))
+            if entry.get("shared"):
+                expected[_tensor_name(t, "shared", spec.name)] = (
+                    torch.uint8,
+                    (packed_nbytes(spec.numel, 1),),
+                )
         for key in entry["state"]:
             expected[_tensor_name(t, "state", key)] = (None, None)
     return expected
@@ -326,8 +344,14 @@ def load(path: str | os.PathLike[str]) -> PackedStore:
             )
             books[spec.name] = tensors[_tensor_name(t, "codebook", spec.name)]
         state = {key: tensors[_tensor_name(t, "state", key)] for key in entry["state"]}
+        shared = None
+        if entry.get("shared"):
+            shared = {
+                s.name: unpack_mask(tensors[_tensor_name(t, "shared", s.name)], s.shape)
+                for s in store.layers
+            }
         try:
-            store.commit(masks, codes, books, width, state)
+            store.commit(masks, codes, books, width, state, shared)
         except StoreError as exc:
             raise _fail(path, f"task {t} cannot be re-committed: {exc}", _DAMAGED_FIX) from exc
     return store

@@ -10,10 +10,11 @@ Once committed a task is frozen: its weights are decoded from the words (never f
 of its codes), so corruption of the words cannot go unnoticed and nothing learned later can
 change the task's function.
 
-Weight sharing (TinySubNets, later): a task will additionally carry per-layer *shared* masks that
-read already-committed weights from the first component of their word (the task that claimed the
-weight first). :class:`_Task` is where that mask will live and :meth:`PackedStore.decode` where it
-will be read; owned components are unaffected.
+Weight sharing (TinySubNets, DESIGN.md §2): a task may also carry per-layer *shared* masks of
+weights that earlier tasks already claimed. A shared weight takes no component in the task's word
+(it costs the task no bits) and reads the value of the word's *first* component, i.e. of the task
+that claimed the weight first; since a claimed word's first component never changes, the shared
+value is frozen like the rest of the earlier task.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class _Task:
     offsets: dict[str, torch.Tensor]
     codebooks: dict[str, torch.Tensor]
     state: dict[str, torch.Tensor]
+    shared: dict[str, torch.Tensor] | None = None
     decoded: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
@@ -119,6 +121,7 @@ class PackedStore:
         self._words = {s.name: torch.zeros(s.shape, dtype=torch.int64) for s in layers}
         self._used = {s.name: torch.zeros(s.shape, dtype=torch.int16) for s in layers}
         self._tasks: list[_Task] = []
+        self._first: dict[str, torch.Tensor] | None = None
 
     @property
     def layers(self) -> tuple[LayerSpec, ...]:
@@ -154,6 +157,27 @@ class PackedStore:
         """Weights whose word still has room for a ``b_max``-bit component (DESIGN.md §2)."""
         return {name: used + self._b_max <= WORD_BITS for name, used in self._used.items()}
 
+    def claimed(self) -> dict[str, torch.Tensor]:
+        """Weights some committed task owns: the ones a new task may share (DESIGN.md §2)."""
+        return {name: used > 0 for name, used in self._used.items()}
+
+    def first_values(self) -> dict[str, torch.Tensor]:
+        """Per layer, the value of every claimed weight's first component (0.0 elsewhere):
+        what a task that shares the weight reads. Built from the tasks' decoded weights in
+        commit order, so the earliest owner of each weight wins."""
+        if self._first is not None:
+            return dict(self._first)
+        values = {s.name: torch.zeros(s.shape, dtype=torch.float32) for s in self._layers}
+        filled = {s.name: torch.zeros(s.shape, dtype=torch.bool) for s in self._layers}
+        for t, record in enumerate(self._tasks):
+            own = self._decode_owned(t)
+            for name, mask in record.masks.items():
+                new = mask & ~filled[name]
+                values[name][new] = own[name][new]
+                filled[name] |= new
+        self._first = values
+        return dict(values)
+
     def _task(self, task: int) -> _Task:
         if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < len(self._tasks):
             raise StoreError(
@@ -169,6 +193,7 @@ class PackedStore:
         codebooks: dict[str, torch.Tensor],
         bit_width: int,
         task_state: dict[str, torch.Tensor],
+        shared: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Check a commit completely; raise :class:`StoreError` on the first problem."""
         if isinstance(bit_width, bool) or not isinstance(bit_width, int):
@@ -228,6 +253,8 @@ class PackedStore:
                     f"layer {name!r}: {taken} masked weight(s) are not available (their word "
                     f"has fewer than b_max={self._b_max} free bits); draw masks from available()"
                 )
+        if shared is not None:
+            self._validate_shared(masks, shared)
         if not isinstance(task_state, dict):
             raise StoreError("task_state must be a dict of tensors")
         for key, value in task_state.items():
@@ -236,6 +263,36 @@ class PackedStore:
             if not isinstance(value, torch.Tensor):
                 raise StoreError(f"task_state[{key!r}] must be a tensor")
 
+    def _validate_shared(
+        self, masks: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]
+    ) -> None:
+        """Shared weights must be claimed by an earlier task and not owned by this one."""
+        if not isinstance(shared, dict) or set(shared) != {s.name for s in self._layers}:
+            raise StoreError("shared must be a dict of bool masks keyed by every prunable layer")
+        claimed = self.claimed()
+        for spec in self._layers:
+            mask = shared[spec.name]
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise StoreError(f"layer {spec.name!r}: shared mask must be a bool tensor")
+            if tuple(mask.shape) != spec.shape:
+                raise StoreError(
+                    f"layer {spec.name!r}: shared mask shape {tuple(mask.shape)} != layer "
+                    f"shape {spec.shape}"
+                )
+            mask = mask.detach().cpu()
+            both = int((mask & masks[spec.name].detach().cpu()).sum())
+            if both:
+                raise StoreError(
+                    f"layer {spec.name!r}: {both} weight(s) are both owned and shared; a task "
+                    "either owns a weight (a component) or reads it read-only, not both"
+                )
+            unclaimed = int((mask & ~claimed[spec.name]).sum())
+            if unclaimed:
+                raise StoreError(
+                    f"layer {spec.name!r}: {unclaimed} shared weight(s) belong to no earlier "
+                    "task; only claimed() weights can be shared"
+                )
+
     def commit(
         self,
         masks: dict[str, torch.Tensor],
@@ -243,6 +300,7 @@ class PackedStore:
         codebooks: dict[str, torch.Tensor],
         bit_width: int,
         task_state: dict[str, torch.Tensor],
+        shared: dict[str, torch.Tensor] | None = None,
     ) -> int:
         """Pack a quantised task into the words and return its id (DESIGN.md §2, COMMIT).
 
@@ -250,10 +308,13 @@ class PackedStore:
         in row-major order; ``codebooks[name]`` is float32 of length ``2**bit_width``;
         ``task_state`` holds the task's unpacked tensors (head, normalisation state), stored as
         CPU clones. Each code goes to bit offset ``used_bits`` of its word, then ``used_bits``
-        grows by ``bit_width``. Everything is validated first and the new words are built aside,
-        so a :class:`StoreError` leaves the store unchanged.
+        grows by ``bit_width``. ``shared`` (weight sharing) marks weights of earlier tasks the
+        task reads without owning them; they take no bits. Everything is validated first and the
+        new words are built aside, so a :class:`StoreError` leaves the store unchanged.
         """
-        self._validate(masks, codes, codebooks, bit_width, task_state)
+        self._validate(masks, codes, codebooks, bit_width, task_state, shared)
+        if shared is not None and not any(bool(m.any()) for m in shared.values()):
+            shared = None
         new_words: dict[str, torch.Tensor] = {}
         new_used: dict[str, torch.Tensor] = {}
         task_masks: dict[str, torch.Tensor] = {}
@@ -279,10 +340,16 @@ class PackedStore:
             offsets=offsets,
             codebooks={n: codebooks[n].detach().cpu().clone() for n in task_masks},
             state={k: v.detach().cpu().clone() for k, v in task_state.items()},
+            shared=(
+                None
+                if shared is None
+                else {n: shared[n].detach().cpu().clone() for n in task_masks}
+            ),
         )
         self._words.update(new_words)
         self._used.update(new_used)
         self._tasks.append(task)
+        self._first = None
         return len(self._tasks) - 1
 
     def _read_codes(self, record: _Task, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,27 +370,50 @@ class PackedStore:
         Codes are read back from the words (shift and mask), so any damage to the words shows in
         the decoded weights. The result is cached per task until :meth:`clear_cache`; the
         returned tensors ARE the cached ones, so callers must not modify them in place.
+        Shared weights (weight sharing) hold their first component's value, read the same way.
         """
         record = self._task(task)
         if record.decoded is None:
-            decoded = {}
-            for spec in self._layers:
-                name = spec.name
-                index, code = self._read_codes(record, name)
-                dense = torch.zeros(spec.numel, dtype=torch.float32)
-                dense[index] = record.codebooks[name][code]
-                decoded[name] = dense.view(spec.shape)
+            decoded = self._decode_owned(task)
+            if record.shared is not None:
+                first = self.first_values()
+                for name, mask in record.shared.items():
+                    decoded[name][mask] = first[name][mask]
             record.decoded = decoded
         return dict(record.decoded)
 
+    def _decode_owned(self, task: int) -> dict[str, torch.Tensor]:
+        """Task ``task``'s owned weights only, ``codebook[code]`` read from the words."""
+        record = self._tasks[task]
+        decoded = {}
+        for spec in self._layers:
+            index, code = self._read_codes(record, spec.name)
+            dense = torch.zeros(spec.numel, dtype=torch.float32)
+            dense[index] = record.codebooks[spec.name][code]
+            decoded[spec.name] = dense.view(spec.shape)
+        return decoded
+
     def clear_cache(self) -> None:
         """Drop every task's cached decoded weights."""
+        self._first = None
         for record in self._tasks:
             record.decoded = None
 
     def mask(self, task: int) -> dict[str, torch.Tensor]:
         """Task ``task``'s owned-weight mask per layer (a copy)."""
         return {n: m.clone() for n, m in self._task(task).masks.items()}
+
+    def shared(self, task: int) -> dict[str, torch.Tensor]:
+        """Task ``task``'s shared-weight mask per layer (all False without weight sharing)."""
+        record = self._task(task)
+        if record.shared is None:
+            return {s.name: torch.zeros(s.shape, dtype=torch.bool) for s in self._layers}
+        return {n: m.clone() for n, m in record.shared.items()}
+
+    def uses(self, task: int) -> dict[str, torch.Tensor]:
+        """Every weight task ``task``'s function reads: owned or shared."""
+        shared = self.shared(task)
+        return {n: m | shared[n] for n, m in self._task(task).masks.items()}
 
     def bit_width(self, task: int) -> int:
         """Component width ``b_t`` of task ``task``."""

@@ -265,6 +265,9 @@ class MlflowTracker(RunObserver):
             "capacity_pct": event.capacity_pct,
             "acc": event.acc,
             "bwt": event.bwt,
+            "task_inference_acc": rep["task_inference_acc"],
+            "class_incremental_acc": rep["class_incremental_acc"],
+            "task_shared_pct": rep["shared_pct"],
             "candidate_epochs": rep["candidate_epochs"],
             "training_seconds": rep["training_seconds"],
         }
@@ -282,7 +285,13 @@ class MlflowTracker(RunObserver):
             metrics.append(Metric("quant_val_acc_by_bits", b["acc"], ts, b["bits"]))
         params = [Param("winner", str(rep["winner"])), Param("bit_width", str(rep["bit_width"]))]
         self.safe.call("logging task metrics", client.log_batch, run_id, metrics, params)
-        progress = {"acc": event.acc, "bwt": event.bwt, "capacity_pct": event.capacity_pct}
+        progress = {
+            "acc": event.acc,
+            "bwt": event.bwt,
+            "capacity_pct": event.capacity_pct,
+            "task_inference_acc": rep["task_inference_acc"],
+            "class_incremental_acc": rep["class_incremental_acc"],
+        }
         self.safe.call(
             "logging run progress", client.log_batch, self.run_id, _metrics(progress, t + 1)
         )
@@ -354,6 +363,9 @@ class MlflowTracker(RunObserver):
             "bwt": results["bwt"],
             "capacity_pct": results["capacity_pct"],
             "heads_pct": results["heads_pct"],
+            "shared_pct": results["shared_pct"],
+            "task_inference_acc": results["task_inference_acc"],
+            "class_incremental_acc": results["class_incremental_acc"],
             "packed_bytes": results["packed_bytes"],
             "seconds_total": results["seconds_total"],
             "candidate_epochs_per_second": tp["candidate_epochs_per_second"],
