@@ -200,7 +200,9 @@ class Pipeline:
             raise ModelFileError(
                 f"{self.out_dir} has a checkpoint but no {MODEL_FILE}; use a new --out"
             )
-        self.store = truncate(PackedStore.load(self.model_path), len(state["tasks"]))
+        loaded = PackedStore.load(self.model_path)
+        self._check_same_backbone(loaded.meta)
+        self.store = truncate(loaded, len(state["tasks"]))
         self.model = PackedModel(self.store, self.device, self.config.train.eval_batch_size)
         self.matrix.rows = [list(r) for r in state["matrix"]]
         self.task_reports = list(state["tasks"])
@@ -210,6 +212,22 @@ class Pipeline:
         )
         self._seconds_before = float(state["seconds"])
         return len(self.task_reports)
+
+    def _check_same_backbone(self, saved: dict[str, Any]) -> None:
+        """Refuse, before any training, a stream whose shape no longer fits the saved model
+        (e.g. a new task folder or .npz file with more classes than the heads)."""
+        current = self.store.meta
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if not changed:
+            return
+        diffs = ", ".join(f"{k}: model {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
+        from qpacknet.errors import DataError
+
+        raise DataError(
+            f"the model in {self.model_path} does not fit this task stream ({diffs}); every "
+            "task must keep the input shape and at most the class count of the first tasks "
+            "(split a task with more classes, or learn the stream into a new --out)"
+        )
 
     def _checkpoint(self, seconds: float) -> None:
         tot = self.totals

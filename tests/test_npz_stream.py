@@ -119,3 +119,18 @@ def test_run_on_npz_then_learn_a_task_from_a_new_file(tmp_path: Path, capsys) ->
     (tmp_path / "three" / "task-002.npz").rename(data / "task-002.npz")
     after = learn_one_more_task(out, "qpacknet-npz", tmp_path / "learned", stream, capsys)
     assert after.num_tasks == 3
+
+    # a next task with more classes than the heads is refused before any training
+    x = np.load(data / "task-002.npz")["x"]
+    np.savez(data / "task-003.npz", x=x, y=np.arange(len(x)) % 12)
+    uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    learn = ["learn", "--model", "models:/qpacknet-npz/latest", "--tracking-uri", uri]
+    rc = main([*learn, "--out", str(tmp_path / "wider"), "--executor", "local", "--quiet"])
+    printed, err = capsys.readouterr()
+    assert rc == 2, printed[-2000:] + err
+    assert "num_classes: model 10, now 12" in err and "SEARCH" not in printed
+    assert "Traceback" not in err
+    assert (
+        not (tmp_path / "wider" / "model.safetensors").exists()
+        or PackedModel.load(tmp_path / "wider" / "model.safetensors").num_tasks == 3
+    )
