@@ -37,8 +37,9 @@ class ScenarioConfig(_Strict):
     ] = "pmnist"
     path: str | None = Field(
         None,
-        description="npz: the folder with one .npz file per task (the user's own data); "
-        "image scenarios: their data root instead of --data-dir",
+        description="npz: the folder with one .npz file per task; folders: the folder with "
+        "one image folder per task (the user's own data); image scenarios: their data root "
+        "instead of --data-dir",
     )
     num_tasks: int = Field(10, ge=1, le=1000)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of train held out")

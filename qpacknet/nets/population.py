@@ -67,11 +67,10 @@ class PopulationNet(nn.Module):
     def weight(self, name: str) -> torch.Tensor:
         """The effective weight: own ``theta * mask``, plus, with weight sharing, the earlier
         tasks' frozen values where the candidate shares (no gradient reaches those)."""
-        w = self.theta(name) * self.mask(name)
         key = self._mask_names[name]
         if key in self._shared_keys:
-            w = w + getattr(self, f"frozen_{key}") * getattr(self, f"share_{key}")
-        return w
+            return self.theta(name) * self.mask(name) + getattr(self, f"sharedw_{key}")
+        return self.theta(name) * self.mask(name)
 
     @torch.no_grad()
     def set_sharing(
@@ -90,6 +89,12 @@ class PopulationNet(nn.Module):
                 f"frozen_{key}", frozen[spec.name].to(device, torch.float32), persistent=False
             )
             self.register_buffer(f"share_{key}", stack.to(device), persistent=False)
+            # frozen * share is constant: computed once, added each step
+            self.register_buffer(
+                f"sharedw_{key}",
+                getattr(self, f"frozen_{key}") * getattr(self, f"share_{key}"),
+                persistent=False,
+            )
             self._shared_keys.add(key)
 
     def shared_mask(self, i: int) -> dict[str, torch.Tensor] | None:
