@@ -25,7 +25,9 @@ from qpacknet.train import EpochCallback, evaluate, fit
 
 @dataclass(frozen=True)
 class TaskContext:
-    """Everything about a task a worker needs besides its data (small, picklable)."""
+    """Everything about a task a worker needs besides its data (picklable). With weight
+    sharing, ``claimed`` and ``frozen`` are the store's :meth:`~PackedStore.claimed` and
+    :meth:`~PackedStore.first_values` (None otherwise, and for the first task)."""
 
     config: RunConfig
     task: int
@@ -36,11 +38,6 @@ class TaskContext:
     tracking: CandidateTracking | None = None
     claimed: dict[str, torch.Tensor] | None = None
     frozen: dict[str, torch.Tensor] | None = None
-
-    @property
-    def sharing(self) -> bool:
-        """Weight sharing is on and there are earlier tasks to share from."""
-        return self.claimed is not None and self.frozen is not None
 
 
 @dataclass(frozen=True)
