@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA ?= $(firstword $(wildcard ../shared/data) data)
 PRESET ?= pmnist-quick
 
-.PHONY: demo test lint bench-population bench-pmnist clean
+.PHONY: demo test lint bench-population bench-pmnist bench-stages clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,7 +22,10 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench-population: $(VENV)/.installed
-	$(PY) bench/population.py
+	$(PY) bench/population.py --data-dir $(DATA)
+
+bench-stages: $(VENV)/.installed
+	$(PY) bench/stages.py
 
 bench-pmnist: $(VENV)/.installed
 	$(PY) bench/pmnist.py --data-dir $(DATA)

@@ -9,9 +9,9 @@ images, 100 classes, 32×32×3) into a temporary folder, then runs the real entr
         --set scenario.num_tasks=3 --out <tmp>/run --no-tracking --executor local
 
 as a subprocess and reads its ``results.json``: prints the seconds of every stage (data,
-search, train, quantize, commit, evaluate) per task and in total, ACC, BWT, capacity, the
-chosen bit widths and candidate-epochs per second, and writes them as JSON (by default
-``bench/results/stages-<device>.json``).
+search, train, quantize, commit, evaluate, task inference) per task and in total, ACC, BWT,
+capacity, the chosen bit widths and candidate-epochs per second, and writes them as JSON (by
+default ``bench/results/stages-<device>.json``).
 
 The images are learnable but not trivially: every class has a random 4×4×3 colour pattern
 (blown up to 32×32); an image is its class's pattern plus per-image noise in the same 4×4×3
@@ -47,7 +47,8 @@ from typing import Any
 
 import numpy as np
 
-STAGES = ("data", "search", "train", "quantize", "commit", "evaluate")
+STAGES = ("data", "search", "train", "quantize", "commit", "evaluate", "task_inference")
+LABELS = {"task_inference": "infer"}  # the stage without task ids (class-incremental)
 CLASSES = 100
 TRAIN_PER_CLASS = 500
 TEST_PER_CLASS = 100
@@ -109,7 +110,7 @@ def resolve(device: str) -> str:
 
 def table(res: dict[str, Any], log: Callable[[str], None]) -> None:
     """Seconds per stage per task and in total, plus per-task outcome."""
-    head = f"{'task':>5s} " + " ".join(f"{s:>9s}" for s in STAGES)
+    head = f"{'task':>5s} " + " ".join(f"{LABELS.get(s, s):>9s}" for s in STAGES)
     log(head + f" {'total':>9s} {'bits':>4s} {'cap %':>6s} {'val acc':>8s} {'q acc':>7s}")
     for t in res["tasks"]:
         sec = t["seconds"]
@@ -197,6 +198,10 @@ def main() -> None:
         f"ACC {res['acc']:.2f} %, BWT {res['bwt']:.2f}, capacity {res['capacity_pct']:.2f} % "
         f"(heads {res['heads_pct']:.2f} %), bits {[t['bit_width'] for t in res['tasks']]}"
     )
+    log(
+        f"without task ids: task inferred right {res['task_inference_acc']:.2f} %, "
+        f"class-incremental acc {res['class_incremental_acc']:.2f} %"
+    )
     fitting = res["seconds_by_stage"]["search"] + res["seconds_by_stage"]["train"]
     log(
         f"{thr['candidate_epochs']} candidate-epochs in {thr['candidate_training_seconds']:.1f}s "
@@ -266,6 +271,8 @@ def main() -> None:
         "bwt": res["bwt"],
         "capacity_pct": res["capacity_pct"],
         "heads_pct": res["heads_pct"],
+        "task_inference_acc": res["task_inference_acc"],
+        "class_incremental_acc": res["class_incremental_acc"],
         "accuracy_matrix": res["accuracy_matrix"],
         "throughput": thr,
         "config": cfg,

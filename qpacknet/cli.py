@@ -314,9 +314,10 @@ def _summary(results: dict[str, Any], pipeline: Any, out: Path) -> None:
         f"(task-incremental ACC {results['acc']:.2f}%)"
     )
     if results.get("shared_pct"):
+        later = max(1, len(results["tasks"]) - 1)
         print(
-            f"weight sharing: tasks read {results['shared_pct']:.2f}% of the prunable weights "
-            "from earlier tasks, at no cost in bits"
+            f"weight sharing: each later task reads {results['shared_pct'] / later:.2f}% of the "
+            "prunable weights from earlier tasks on average, at no cost in bits"
         )
     print(
         f"packed model {results['packed_bytes']:,} bytes "
