@@ -25,7 +25,7 @@ takes seconds on a 2-core CPU (several times that under load); with the defaults
 took 17 minutes there on an otherwise quiet machine. Timing excludes building and initialising
 the nets. Float32 rounding differences between the arms' kernels grow during training: up to
 ~1e-3 relative in the conv nets' losses and now and then one flipped validation prediction (1 of
-64 rows: 1.5625 points); in float64 the arms agree exactly.
+64 rows: 1.5625 points); in float64 they agree to 1e-10 (``tests/test_conv_backbones.py``).
 
     python bench/population.py [--backbone all|mlp|alexnet|resnet18_reduced|resnet18|tinynet]
         [--data-dir ../shared/data] [--candidates 16] [--repeats 3] [--rows 1.0]

@@ -18,10 +18,9 @@ The images are learnable but not trivially: every class has a random 4×4×3 col
 grid plus per-pixel noise, so accuracy is well above chance (10 % per task) and below 100 %,
 and the quantisation's bit-width search meets realistic accuracy drops.
 
-Stage times depend strongly on other load on the machine (the load averages before and after
-the run are printed and saved): on a 2-core CPU the default run's pipeline took 137 s with the
-machine otherwise idle and 469 s while other processes ran tests, TRAIN (one small network, many
-small kernels) 8.5× slower and SEARCH 2.4× slower.
+Stage times depend strongly on other load on the machine, TRAIN (one small network, many small
+kernels) most: the load averages before and after the run are printed and saved, so that a run
+on a busy machine can be told apart from one on an idle machine.
 
 Works without Ray and MLflow installed (neither is imported here; ``--executor local`` is the
 default and ``--no-tracking`` is always passed), e.g. on a GPU machine:

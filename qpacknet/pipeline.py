@@ -21,7 +21,7 @@ import yaml
 from qpacknet import __version__
 from qpacknet.checkpoint import check_same_config, load_checkpoint, save_checkpoint, truncate
 from qpacknet.config import RunConfig
-from qpacknet.errors import ModelFileError, UsageError
+from qpacknet.errors import DataError, ModelFileError, UsageError
 from qpacknet.executor import Executor
 from qpacknet.fileio import atomic_write_json, atomic_write_text
 from qpacknet.layout import CONFIG_FILE, MODEL_FILE, RESULTS_FILE
@@ -221,8 +221,6 @@ class Pipeline:
         if not changed:
             return
         diffs = ", ".join(f"{k}: model {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
-        from qpacknet.errors import DataError
-
         raise DataError(
             f"the model in {self.model_path} does not fit this task stream ({diffs}); every "
             "task must keep the input shape and at most the class count of the first tasks "
@@ -345,9 +343,7 @@ class Pipeline:
         self.progress.task_done(t, row, cap.capacity_pct)
         self.progress.task_inference(t, inference)
         self.inference_figures = inference
-        self._record(t, results, sc, winner, q, timer, cap.per_task[t])
-        self.task_reports[t]["task_inference_acc"] = inference.task_inference_acc
-        self.task_reports[t]["class_incremental_acc"] = inference.class_incremental_acc
+        self._record(t, results, sc, winner, q, timer, cap.per_task[t], inference)
 
     def _infer_tasks(self, num_tasks: int) -> InferenceFigures:
         """Class-incremental figures over the committed tasks (no task id given)."""
@@ -391,6 +387,7 @@ class Pipeline:
         q: QuantizedTask,
         timer: _Timer,
         cap: TaskCapacity,
+        inference: InferenceFigures,
     ) -> None:
         for key in ("train_seconds", "eval_seconds", "candidate_epochs"):
             setattr(self.totals, key, getattr(self.totals, key) + getattr(timer, key))
@@ -418,6 +415,8 @@ class Pipeline:
                 "within_delta": q.within_delta,
                 "bits_tried": [{"bits": b, "acc": a} for b, a in q.tried],
                 "capacity_pct": cap.pct,
+                "task_inference_acc": inference.task_inference_acc,
+                "class_incremental_acc": inference.class_incremental_acc,
                 "seconds": dict(timer.seconds),
                 "candidate_epochs": timer.candidate_epochs,
                 "training_seconds": timer.train_seconds,

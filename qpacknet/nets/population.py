@@ -84,7 +84,7 @@ class PopulationNet(nn.Module):
         device = next(self.parameters()).device
         for spec in self.layer_specs:
             key = self._mask_names[spec.name]
-            stack = torch.stack([m[spec.name].to(torch.float32) for m in shared])
+            stack = torch.stack([m[spec.name].to(torch.bool) for m in shared])
             self.register_buffer(
                 f"frozen_{key}", frozen[spec.name].to(device, torch.float32), persistent=False
             )
@@ -102,7 +102,7 @@ class PopulationNet(nn.Module):
         if not self._shared_keys:
             return None
         return {
-            s.name: getattr(self, f"share_{self._mask_names[s.name]}")[i].bool().clone()
+            s.name: getattr(self, f"share_{self._mask_names[s.name]}")[i].clone()
             for s in self.layer_specs
         }
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qpacknet.seeding import generator
+
 
 @dataclass(frozen=True)
 class Split:
@@ -109,3 +111,33 @@ class InMemoryStream(TaskStream):
 
     def task(self, index: int) -> TaskData:
         return self._tasks[index]
+
+
+def check_stream_args(
+    num_tasks: int, train_limit: int | None, val_fraction: float | None = None
+) -> None:
+    """The arguments every stream takes, checked the same way (the config already bounds them;
+    this guards streams built directly from Python)."""
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
+    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+    if train_limit is not None and train_limit < 1:
+        raise ValueError(f"train_limit must be a positive number of rows, got {train_limit}")
+
+
+def holdout_split(
+    n: int, val_fraction: float, seed: int, key: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded ``(train_idx, val_idx)`` over ``n`` rows, each sorted in file order.
+
+    Sorting keeps row gathers cache-friendly and makes "the first N training rows" mean the
+    same rows on every run.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+    if n < 2:
+        raise ValueError(f"need at least 2 rows to hold out a validation set, got {n}")
+    n_val = min(max(round(n * val_fraction), 1), n - 1)
+    order = torch.randperm(n, generator=generator(seed, key))
+    return order[n_val:].sort().values, order[:n_val].sort().values

@@ -185,17 +185,10 @@ class SplitCIFAR100(ImageStream):
             device=device,
         )
         self.root = Path(root)
-        self.classes_per_task = int(classes_per_task)
-        self.num_classes = self.classes_per_task
+        self._use_classes(range(CIFAR100_CLASSES), classes_per_task)
         self._train_x, self._train_y, self._test_x, self._test_y, self.class_names = load_cifar100(
             self.root
         )
-
-    def task_classes(self, index: int) -> list[int]:
-        """The CIFAR-100 fine labels of task ``index``; label j of the task is the j-th."""
-        index = self._check_index(index)
-        first = index * self.classes_per_task
-        return list(range(first, first + self.classes_per_task))
 
     def _load(self, index: int) -> tuple[ImageSource, ImageSource]:
         first = self.task_classes(index)[0]

@@ -34,9 +34,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms.v2 import functional as tvf
 
 from qpacknet.errors import DataError
-from qpacknet.scenarios.base import Split, TaskData, TaskStream
+from qpacknet.scenarios.base import Split, TaskData, TaskStream, check_stream_args, holdout_split
 from qpacknet.scenarios.images import channel_stats, resolve_threads, standardise
-from qpacknet.scenarios.pmnist import holdout_split
 from qpacknet.seeding import generator
 
 # PIL modes decoded as one grey channel; every other mode (palette, RGBA, CMYK…) becomes RGB.
@@ -91,6 +90,7 @@ class FolderStream(TaskStream):
         device: torch.device | str = "cpu",
         decode_threads: int | None = None,
     ) -> None:
+        check_stream_args(num_tasks, train_limit, val_fraction)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(

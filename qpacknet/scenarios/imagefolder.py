@@ -81,8 +81,6 @@ class Imagenet100(ImageStream):
         self.root = Path(root)
         self.image_size = int(image_size)
         self.input_shape = (3, self.image_size, self.image_size)
-        self.classes_per_task = int(classes_per_task)
-        self.num_classes = self.classes_per_task
         self._threads = resolve_threads(decode_threads)
         train_classes = _classes(self.root / "train")
         val_classes = _classes(self.root / "val")
@@ -97,12 +95,13 @@ class Imagenet100(ImageStream):
         class_split_check(
             "Imagenet100",
             num_tasks,
-            self.classes_per_task,
+            classes_per_task,
             len(train_classes),
             f"{self.root / 'train'}/",
             error=DataError,
         )
-        self.classes = train_classes[: num_tasks * self.classes_per_task]
+        self.classes = train_classes[: num_tasks * classes_per_task]
+        self._use_classes(self.classes, classes_per_task)
         no_val = sorted(set(self.classes) - set(val_classes))
         if no_val:
             raise DataError(
@@ -110,12 +109,6 @@ class Imagenet100(ImageStream):
                 f"{' …' if len(no_val) > 5 else ''} that {self.root / 'train'}/ has; sort the "
                 "validation images of every class into val/<class>/."
             )
-
-    def task_classes(self, index: int) -> list[str]:
-        """Task ``index``'s class folder names; label j of the task is the j-th."""
-        index = self._check_index(index)
-        k = self.classes_per_task
-        return self.classes[index * k : (index + 1) * k]
 
     def _source(self, split: str, label_of: dict[str, int]) -> FileSource:
         folder = self.root / split

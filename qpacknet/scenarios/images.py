@@ -22,15 +22,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as tvf
 
 from qpacknet.errors import ConfigError, DataError, UsageError
-from qpacknet.scenarios.base import Split, TaskData, TaskStream
+from qpacknet.scenarios.base import Split, TaskData, TaskStream, check_stream_args, holdout_split
 from qpacknet.scenarios.datadir import ENV_VAR
-from qpacknet.scenarios.pmnist import holdout_split
 from qpacknet.seeding import generator
 
 STATS_CHUNK = 512
@@ -236,12 +236,7 @@ class ImageStream(TaskStream):
         train_limit: int | None,
         device: torch.device | str,
     ) -> None:
-        if num_tasks < 1:
-            raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
-        if train_limit is not None and train_limit < 1:
-            raise ValueError(f"train_limit must be a positive number of rows, got {train_limit}")
+        check_stream_args(num_tasks, train_limit, val_fraction)
         self._num_tasks = int(num_tasks)
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)
@@ -261,6 +256,19 @@ class ImageStream(TaskStream):
 
     def task_name(self, index: int) -> str:
         return f"{self.name}-{index}"
+
+    def _use_classes(self, order: Sequence[Any], classes_per_task: int) -> None:
+        """Class-split streams (split CIFAR-100, TinyImagenet, Imagenet100; DESIGN.md §3):
+        task t holds classes ``t·k .. t·k + k - 1`` of ``order``, relabelled ``0..k-1``."""
+        self._class_order = list(order)
+        self.classes_per_task = int(classes_per_task)
+        self.num_classes = self.classes_per_task
+
+    def task_classes(self, index: int) -> list[Any]:
+        """Task ``index``'s classes (of a class-split stream); label j of the task is the j-th."""
+        index = self._check_index(index)
+        k = self.classes_per_task
+        return self._class_order[index * k : (index + 1) * k]
 
     def _check_index(self, index: int) -> int:
         if not 0 <= index < self._num_tasks:

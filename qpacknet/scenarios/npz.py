@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from qpacknet.errors import DataError
-from qpacknet.scenarios.base import Split, TaskData, TaskStream
-from qpacknet.scenarios.pmnist import holdout_split
+from qpacknet.scenarios.base import Split, TaskData, TaskStream, check_stream_args, holdout_split
 
 _PAIRS = (("x", "y"), ("x_val", "y_val"), ("x_test", "y_test"))
 
@@ -36,6 +35,7 @@ class NpzStream(TaskStream):
         train_limit: int | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
+        check_stream_args(num_tasks, train_limit, val_fraction)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(

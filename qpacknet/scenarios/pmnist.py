@@ -14,29 +14,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qpacknet.scenarios.base import Split, TaskData, TaskStream
+from qpacknet.scenarios.base import (
+    Split,
+    TaskData,
+    TaskStream,
+    check_stream_args,
+    holdout_split,
+)
 from qpacknet.scenarios.mnist_files import load_mnist
 from qpacknet.seeding import generator
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
-
-
-def holdout_split(
-    n: int, val_fraction: float, seed: int, key: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded ``(train_idx, val_idx)`` over ``n`` rows, each sorted in file order.
-
-    Sorting keeps row gathers cache-friendly and makes "the first N training rows" mean the
-    same rows on every run.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
-    if n < 2:
-        raise ValueError(f"need at least 2 rows to hold out a validation set, got {n}")
-    n_val = min(max(round(n * val_fraction), 1), n - 1)
-    order = torch.randperm(n, generator=generator(seed, key))
-    return order[n_val:].sort().values, order[:n_val].sort().values
 
 
 class PermutedStream(TaskStream):
@@ -63,10 +52,7 @@ class PermutedStream(TaskStream):
         train_limit: int | None,
         device: torch.device | str,
     ) -> None:
-        if num_tasks < 1:
-            raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
-        if train_limit is not None and train_limit < 1:
-            raise ValueError(f"train_limit must be a positive number of rows, got {train_limit}")
+        check_stream_args(num_tasks, train_limit)
         self._num_tasks = int(num_tasks)
         self.seed = int(seed)
         self.device = torch.device(device)

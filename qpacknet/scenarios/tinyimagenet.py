@@ -103,8 +103,6 @@ class TinyImagenet(ImageStream):
         )
         self.root = Path(root)
         self.folder = tiny_dir(self.root)
-        self.classes_per_task = int(classes_per_task)
-        self.num_classes = self.classes_per_task
         self._threads = resolve_threads(decode_threads)
         entries = [
             (WNIDS, (self.folder / WNIDS).is_file()),
@@ -123,6 +121,7 @@ class TinyImagenet(ImageStream):
             str(self.folder / WNIDS),
             error=DataError,
         )
+        self._use_classes(self.wnids, classes_per_task)
         used = self.wnids[: num_tasks * self.classes_per_task]
         no_train = [w for w in used if not (self.folder / "train" / w).is_dir()]
         if no_train:
@@ -140,12 +139,6 @@ class TinyImagenet(ImageStream):
                 f"{len(no_val)} classes: {', '.join(no_val[:5])}{' …' if len(no_val) > 5 else ''}. "
                 f"Unzip {TINY_URL} again into {self.root}/."
             )
-
-    def task_classes(self, index: int) -> list[str]:
-        """Task ``index``'s WordNet ids; label j of the task is the j-th."""
-        index = self._check_index(index)
-        k = self.classes_per_task
-        return self.wnids[index * k : (index + 1) * k]
 
     def _load(self, index: int) -> tuple[ImageSource, ImageSource]:
         wnids = self.task_classes(index)

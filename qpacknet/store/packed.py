@@ -74,6 +74,7 @@ class _Task:
     codebooks: dict[str, torch.Tensor]
     state: dict[str, torch.Tensor]
     shared: dict[str, torch.Tensor] | None = None
+    owned: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     decoded: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
@@ -377,27 +378,32 @@ class PackedStore:
             decoded = self._decode_owned(task)
             if record.shared is not None:
                 first = self.first_values()
+                decoded = {n: v.clone() for n, v in decoded.items()}
                 for name, mask in record.shared.items():
                     decoded[name][mask] = first[name][mask]
             record.decoded = decoded
         return dict(record.decoded)
 
     def _decode_owned(self, task: int) -> dict[str, torch.Tensor]:
-        """Task ``task``'s owned weights only, ``codebook[code]`` read from the words."""
+        """Task ``task``'s owned weights only, ``codebook[code]`` read from the words; cached
+        with :meth:`decode`'s result (the same tensors when the task shares nothing)."""
         record = self._tasks[task]
-        decoded = {}
-        for spec in self._layers:
-            index, code = self._read_codes(record, spec.name)
-            dense = torch.zeros(spec.numel, dtype=torch.float32)
-            dense[index] = record.codebooks[spec.name][code]
-            decoded[spec.name] = dense.view(spec.shape)
-        return decoded
+        if record.owned is None:
+            owned = {}
+            for spec in self._layers:
+                index, code = self._read_codes(record, spec.name)
+                dense = torch.zeros(spec.numel, dtype=torch.float32)
+                dense[index] = record.codebooks[spec.name][code]
+                owned[spec.name] = dense.view(spec.shape)
+            record.owned = owned
+        return dict(record.owned)
 
     def clear_cache(self) -> None:
         """Drop every task's cached decoded weights."""
         self._first = None
         for record in self._tasks:
             record.decoded = None
+            record.owned = None
 
     def mask(self, task: int) -> dict[str, torch.Tensor]:
         """Task ``task``'s owned-weight mask per layer (a copy)."""
