@@ -102,7 +102,7 @@ def main() -> None:
         print(
             f"{label.strip()}: bits per task {[t['bit_width'] for t in res['tasks']]}; "
             f"{tp['candidate_epochs_per_second']:.2f} candidate-epochs/s; "
-            f"{100 * tp['non_training_fraction']:.1f}% of wall time not candidate training "
+            f"{100 * tp['non_training_fraction']:.1f}% of wall time outside SEARCH+TRAIN "
             "(stages: "
             + ", ".join(f"{k} {v:.1f}s" for k, v in res["seconds_by_stage"].items())
             + ")"

@@ -68,13 +68,15 @@ def main() -> None:
                 "executor.cpus_per_worker=1",
             ],
         )
-        ex = RayExecutor(cfg.executor)
+        ex = RayExecutor(cfg)
         avail = {
             "fc0": torch.ones(100, 784, dtype=torch.bool),
             "fc1": torch.ones(100, 100, dtype=torch.bool),
         }
         ctx = TaskContext(cfg, 0, (784,), 10, avail)
-        ex.begin_task(ctx, InMemoryStream("bench", [data]))  # actors start here: not timed
+        stream = InMemoryStream("bench", [data])
+        ex.begin_run(stream, cfg)  # actors start and report here: not timed
+        ex.begin_task(ctx, stream)
         start = time.perf_counter()
         results = sorted(ex.search(), key=lambda r: r.index)
         seconds = time.perf_counter() - start

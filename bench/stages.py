@@ -203,9 +203,10 @@ def main() -> None:
     )
     fitting = res["seconds_by_stage"]["search"] + res["seconds_by_stage"]["train"]
     log(
-        f"{thr['candidate_epochs']} candidate-epochs in {thr['candidate_training_seconds']:.1f}s "
-        f"of training steps: {thr['candidate_epochs_per_second']:.3f} candidate-epochs/s "
-        f"({thr['candidate_epochs'] / fitting:.3f} per second of SEARCH + TRAIN wall time)"
+        f"{thr['candidate_epochs']} candidate-epochs in {thr['worker_training_seconds']:.1f}s "
+        f"of training steps: {thr['candidate_epochs_per_worker_second']:.3f} candidate-epochs/s "
+        f"per worker ({thr['candidate_epochs'] / fitting:.3f} per second of SEARCH + TRAIN "
+        "wall time)"
     )
     log(
         f"pipeline {res['seconds_total']:.1f}s, whole command {wall:.1f}s "

@@ -60,7 +60,7 @@ def run_once(variant: str, args: argparse.Namespace, out: Path, server: str) -> 
         "variant": variant,
         "wall_seconds": wall,
         "cpu_seconds": cpu,
-        "training_seconds": res["throughput"]["candidate_training_seconds"],
+        "training_seconds": res["throughput"]["worker_training_seconds"],
         "pipeline_seconds": res["seconds_total"],
         "acc": res["acc"],
         "model": (out / "model.safetensors").read_bytes(),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qpacknet.config import RunConfig, load_config, preset_names
-from qpacknet.errors import UsageError
+from qpacknet.errors import QpacknetError, UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"qpacknet: error: {exc}", file=sys.stderr)
         return 2
+    except QpacknetError as exc:
+        print(f"qpacknet: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("qpacknet: interrupted", file=sys.stderr)
         return 130
@@ -141,16 +144,18 @@ def _out_dir(cfg: RunConfig, args: argparse.Namespace) -> Path:
     return out
 
 
-def _load(cfg: RunConfig, data_dir: str | None) -> tuple[Any, str]:
-    """Import torch, set its threads, and build the task stream: ``(stream, device)``."""
+def _load(cfg: RunConfig, data_dir: str | None, train_here: bool) -> tuple[Any, str]:
+    """Import torch, set its threads, and build the task stream: ``(stream, device)``. The
+    stream lives on the training device when this process trains (local executor), else on
+    the CPU: with Ray the driver only prepares data for the workers."""
     import torch
 
-    from qpacknet.pipeline import resolve_device
+    from qpacknet.devices import resolve_device
     from qpacknet.scenarios import build_stream
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, where="the driver") if train_here else "cpu"
     return build_stream(cfg.scenario, cfg.seed, data_dir, device), device
 
 
@@ -166,15 +171,13 @@ def _ray_executor(cfg: RunConfig, data_dir: str | None) -> tuple[Any, Any]:
         ) from None
 
     with ThreadPoolExecutor(1, thread_name_prefix="qpacknet-load") as pool:
-        loading = pool.submit(_load, cfg, data_dir)
+        loading = pool.submit(_load, cfg, data_dir, False)
         owns_ray = connect()
         try:
             stream, _ = loading.result()
             from qpacknet.cluster import RayExecutor
 
-            executor = RayExecutor(
-                cfg.executor, population=cfg.search.population, owns_ray=owns_ray
-            )
+            executor = RayExecutor(cfg, owns_ray=owns_ray)
         except BaseException:
             if owns_ray:
                 import ray
@@ -196,7 +199,7 @@ def _run(cfg: RunConfig, args: argparse.Namespace) -> int:
     else:
         from qpacknet.executor import LocalExecutor
 
-        stream, _ = _load(cfg, args.data_dir)
+        stream, _ = _load(cfg, args.data_dir, True)
         executor = LocalExecutor()
 
     from qpacknet.pipeline import Pipeline
@@ -325,8 +328,22 @@ def _summary(results: dict[str, Any], pipeline: Any, out: Path) -> None:
     )
     print(
         f"{results['seconds_total']:.1f}s total, "
-        f"{tp['candidate_epochs_per_second']:.2f} candidate-epochs/s, "
-        f"{100 * tp['non_training_fraction']:.1f}% of wall time outside candidate training"
+        f"{tp['candidate_epochs_per_second']:.2f} candidate-epochs/s in SEARCH+TRAIN, "
+        f"{100 * tp['non_training_fraction']:.1f}% of wall time outside SEARCH+TRAIN"
+    )
+    ev = results["evaluation"]
+    lat = results["event_latency_s"]
+    workers = sorted({(w.get("device"), w.get("device_name")) for w in results["workers"].values()})
+    print(
+        f"trained on {len(results['workers'])} worker(s): "
+        + ", ".join(f"{d} ({n})" for d, n in workers)
+        + f"; accuracies measured on {ev.get('device')} ({ev.get('device_name')})"
+        + (
+            f"; epoch events reached this log {1000 * lat['median']:.0f} ms (median) after "
+            "the epoch ended"
+            if lat["median"] is not None
+            else ""
+        )
     )
     print(f"wrote {out / 'results.json'} and {pipeline.model_path}")
 

@@ -139,6 +139,11 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(8192, ge=1)
+    allow_tf32: bool = Field(
+        False,
+        description="CUDA only: allow TF32 matmuls/convolutions (faster, but the same seed "
+        "may then pick another winner); off: deterministic float32",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -166,17 +171,24 @@ class ExecutorConfig(_Strict):
     """Where candidates are trained.
 
     ``candidates_per_worker`` chunks the population: each worker (an in-process object or a
-    Ray actor) trains its chunk as one population. The Ray settings say how many actors to
-    start and what each one reserves; ``"auto"`` means as many actors as the cluster fits and
-    one GPU per actor when the cluster has GPUs (DESIGN.md §7: one process per GPU is the
-    efficient default; fractions are for small models and tests).
+    Ray actor) trains its chunk as one population. Unset, the population is spread evenly over
+    the actors, so N GPU workers train N chunks at once (the local executor makes
+    ``workers`` chunks when that is a number, else one). The Ray settings say how many actors
+    to start and what each one reserves; ``"auto"`` means as many actors as the cluster fits
+    and one GPU per actor when the cluster has GPUs or its autoscaler can add GPU nodes
+    (DESIGN.md §7: one process per GPU is the efficient default; fractions are for small
+    models and tests). The chunking is recorded in results.json: a population's float rounding
+    depends on its size, so set ``candidates_per_worker`` to get bit-identical runs on
+    clusters of different sizes.
     """
 
     kind: Literal["local", "ray"] = Field(
         "ray", description="ray: actors on the Ray cluster (embedded if none); local: in-process"
     )
     candidates_per_worker: int | None = Field(
-        None, ge=1, description="candidates trained as one population; None = all in one"
+        None,
+        ge=1,
+        description="candidates trained as one population; None = spread over the workers",
     )
     workers: int | Literal["auto"] = Field("auto", description="Ray actors (or 'auto')")
     gpus_per_worker: float | Literal["auto"] = Field("auto", description="GPUs per actor")

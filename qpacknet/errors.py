@@ -28,5 +28,10 @@ class IllegalTransition(QpacknetError):
     """A task stage was entered out of order (SEARCH → TRAIN → QUANTIZE → COMMIT)."""
 
 
+class CommitRefused(QpacknetError):
+    """COMMIT found that what the driver would write is not, bit for bit, what the worker
+    quantised; nothing was committed."""
+
+
 class StoreError(QpacknetError):
     """A commit that would break the packed store's invariants (e.g. a word over 32 bits)."""

@@ -1,67 +1,87 @@
 """The executor interface the pipeline drives, and its in-process implementation.
 
-The pipeline only calls ``begin_task → search → train → quantize → end_task``; where the
-candidates train is the executor's business. The Ray executor (cluster module) implements the
-same interface with one :class:`~qpacknet.worker.CandidateWorker` per actor.
+The pipeline only calls ``begin_task → search → train → quantize → evaluate → end_task``;
+where the candidates train is the executor's business. Every stage passes the workers'
+events (:mod:`qpacknet.events`) to the pipeline's callback as they happen and returns the
+stage's result. The Ray executor (cluster module) implements the same interface with one
+:class:`~qpacknet.worker.CandidateWorker` per chunk in Ray actors. Executors know nothing of
+MLflow: the driver logs what the events say.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from typing import Any
 
+from qpacknet.config import RunConfig
+from qpacknet.devices import configure, describe, resolve_device
+from qpacknet.evaluation import EvalRequest, Evaluation, evaluate_stage
+from qpacknet.events import EventCallback, drive
 from qpacknet.scenarios.base import Split, TaskStream
 from qpacknet.search import CandidateResult
-from qpacknet.tracking.candidates import CandidateRuns, open_runs
-from qpacknet.train import EpochReport
+from qpacknet.store import PackedStore
 from qpacknet.worker import CandidateWorker, QuantizedTask, TaskContext, TrainOutcome
 
-ChunkEpochCallback = Callable[[list[int], EpochReport], None]
 
-
-def chunks(population: int, per_worker: int | None) -> list[list[int]]:
-    """Candidate indices split into consecutive chunks of ``per_worker`` (None: one chunk)."""
-    size = population if per_worker is None else per_worker
-    return [list(range(i, min(i + size, population))) for i in range(0, population, size)]
-
-
-def _tee(
-    keep: list[EpochReport], on_epoch: ChunkEpochCallback | None, chunk: list[int]
-) -> Callable[[EpochReport], None]:
-    """An epoch callback that keeps each report (for tracking) and passes it on live."""
-
-    def callback(rep: EpochReport) -> None:
-        keep.append(rep)
-        if on_epoch is not None:
-            on_epoch(chunk, rep)
-
-    return callback
+def chunks(population: int, per_worker: int | None, workers: int = 1) -> list[list[int]]:
+    """Candidate indices in consecutive chunks: of ``per_worker`` each when it is set, else
+    spread evenly over ``workers`` (sizes differ by at most one), so that every worker trains
+    a chunk at the same time. The chunking is part of what a run computes (a population's
+    float rounding depends on its size), so it is recorded with the results."""
+    if per_worker is None:
+        n = max(1, min(workers, population))
+        size, extra = divmod(population, n)
+        out, start = [], 0
+        for i in range(n):
+            end = start + size + (1 if i < extra else 0)
+            out.append(list(range(start, end)))
+            start = end
+        return out
+    return [
+        list(range(i, min(i + per_worker, population))) for i in range(0, population, per_worker)
+    ]
 
 
 class Executor(ABC):
     """Runs one task's stages. Calls come in order; each method's output is checked by the
     pipeline before the next stage starts."""
 
-    def begin_run(self, stream: TaskStream) -> None:  # noqa: B027 - optional hook
+    @abstractmethod
+    def begin_run(self, stream: TaskStream, config: RunConfig) -> None:
         """Called once before the first task; an executor may ship the stream to its workers
         (see :meth:`TaskStream.for_workers`) so that tasks need not be sent one by one."""
 
     @abstractmethod
     def begin_task(self, ctx: TaskContext, stream: TaskStream) -> None:
-        """Prepare task ``ctx.task`` of ``stream``; may return before its data is ready
-        (the driver builds its own evaluation splits meanwhile)."""
+        """Prepare task ``ctx.task`` of ``stream``."""
 
     @abstractmethod
-    def search(self, on_epoch: ChunkEpochCallback | None = None) -> list[CandidateResult]: ...
+    def search(self, on_event: EventCallback | None = None) -> list[CandidateResult]: ...
 
     @abstractmethod
-    def train(self, winner: int, on_epoch: ChunkEpochCallback | None = None) -> TrainOutcome: ...
+    def train(self, winner: int, on_event: EventCallback | None = None) -> TrainOutcome: ...
 
     @abstractmethod
-    def quantize(self) -> QuantizedTask: ...
+    def quantize(self, on_event: EventCallback | None = None) -> QuantizedTask: ...
+
+    @abstractmethod
+    def evaluate(
+        self, store: PackedStore, request: EvalRequest, on_event: EventCallback | None = None
+    ) -> Evaluation:
+        """The accuracy-matrix row and task-inference pairs from ``store``, on the run's one
+        evaluation device (:attr:`evaluator`)."""
 
     @abstractmethod
     def end_task(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def evaluator(self) -> dict[str, Any]:
+        """The worker and device that compute every reported accuracy of this run."""
+
+    def chunk_plan(self, population: int) -> list[list[int]]:
+        """How this executor splits a population (recorded in results.json)."""
+        return chunks(population, None)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (actors, processes); the local executor has none."""
@@ -72,40 +92,56 @@ class Executor(ABC):
 
 
 class LocalExecutor(Executor):
-    """In-process: the chunks run one after another in this process."""
+    """In-process: the chunks run one after another in this process, on this process's
+    device (``config.device`` resolved by :func:`~qpacknet.devices.resolve_device`)."""
 
     def __init__(self) -> None:
+        self._config: RunConfig | None = None
         self._ctx: TaskContext | None = None
         self._splits: tuple[Split, Split] | None = None
+        self._stream: TaskStream | None = None
         self._workers: list[CandidateWorker] = []
         self._winner: CandidateWorker | None = None
-        self._runs: CandidateRuns | None = None
+        self._device: str | None = None
+        self._where: dict[str, Any] = {}
 
     @property
     def name(self) -> str:
         return "local"
 
-    def begin_task(self, ctx: TaskContext, stream: TaskStream) -> None:
-        self._ctx, self._splits = ctx, stream.fit_splits(ctx.task)
-        self._workers, self._winner = [], None
-        self._runs = open_runs(ctx.tracking)
+    @property
+    def evaluator(self) -> dict[str, Any]:
+        return dict(self._where)
 
-    def search(self, on_epoch: ChunkEpochCallback | None = None) -> list[CandidateResult]:
-        if self._ctx is None or self._splits is None:
+    def chunk_plan(self, population: int) -> list[list[int]]:
+        """``candidates_per_worker``, else ``executor.workers`` chunks when it is a number
+        (the same plan as a Ray run with that many actors), else one chunk."""
+        if self._config is None:
+            return chunks(population, None)
+        ex = self._config.executor
+        workers = ex.workers if isinstance(ex.workers, int) else 1
+        return chunks(population, ex.candidates_per_worker, workers)
+
+    def begin_run(self, stream: TaskStream, config: RunConfig) -> None:
+        self._stream, self._config = stream, config
+        self._device = resolve_device(config.device, where="the driver (local executor)")
+        self._where = {**describe(self._device), **configure(self._device, config.train.allow_tf32)}
+
+    def begin_task(self, ctx: TaskContext, stream: TaskStream) -> None:
+        self._ctx, self._splits, self._stream = ctx, stream.fit_splits(ctx.task), stream
+        self._workers, self._winner = [], None
+
+    def search(self, on_event: EventCallback | None = None) -> list[CandidateResult]:
+        if self._ctx is None or self._splits is None or self._device is None:
             raise RuntimeError("begin_task() first")
-        cfg = self._ctx.config
         results: list[CandidateResult] = []
-        for chunk in chunks(cfg.search.population, cfg.executor.candidates_per_worker):
-            worker = CandidateWorker(self._ctx, *self._splits)
-            reports: list[EpochReport] = []
-            chunk_results = worker.search(chunk, _tee(reports, on_epoch, chunk))
-            if self._runs is not None:
-                self._runs.searched(chunk_results, reports)
-            results.extend(chunk_results)
+        for chunk in self.chunk_plan(self._ctx.config.search.population):
+            worker = CandidateWorker(self._ctx, *self._splits, self._device, self._where)
+            results.extend(drive(worker.search(chunk), on_event))
             self._workers.append(worker)
         return results
 
-    def train(self, winner: int, on_epoch: ChunkEpochCallback | None = None) -> TrainOutcome:
+    def train(self, winner: int, on_event: EventCallback | None = None) -> TrainOutcome:
         holders = [w for w in self._workers if w.holds(winner)]
         if not holders:
             raise RuntimeError(f"no worker holds candidate {winner}")
@@ -113,18 +149,23 @@ class LocalExecutor(Executor):
         for w in self._workers:
             if w is not self._winner:
                 w.population = None
-        reports: list[EpochReport] = []
-        outcome = self._winner.train(winner, _tee(reports, on_epoch, [winner]))
-        if self._runs is not None:
-            self._runs.trained(winner, reports)
-        return outcome
+        return drive(self._winner.train(winner), on_event)
 
-    def quantize(self) -> QuantizedTask:
+    def quantize(self, on_event: EventCallback | None = None) -> QuantizedTask:
         if self._winner is None:
             raise RuntimeError("train() first")
-        return self._winner.quantize()
+        return drive(self._winner.quantize(), on_event)
+
+    def evaluate(
+        self, store: PackedStore, request: EvalRequest, on_event: EventCallback | None = None
+    ) -> Evaluation:
+        if self._stream is None or self._device is None or self._config is None:
+            raise RuntimeError("begin_run() first")
+        batch = self._config.train.eval_batch_size
+        stage = evaluate_stage(
+            store, request, self._stream.test_split, self._device, batch, self._where
+        )
+        return drive(stage, on_event)
 
     def end_task(self) -> None:
-        if self._runs is not None:
-            self._runs.close()
-        self._workers, self._winner, self._splits, self._runs = [], None, None, None
+        self._workers, self._winner, self._splits = [], None, None

@@ -75,6 +75,18 @@ class TaskInference:
     def __init__(self) -> None:
         self._pairs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def missing(self, num_tasks: int) -> list[tuple[int, int]]:
+        """The ``(sub-network i, test task j)`` pairs over tasks ``0..num_tasks-1`` not yet
+        evaluated: what an evaluation stage must compute before :meth:`figures`."""
+        return [
+            (i, j) for j in range(num_tasks) for i in range(num_tasks) if (i, j) not in self._pairs
+        ]
+
+    def add(self, pairs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Record pairs computed elsewhere (:func:`pair_stats`, e.g. on a worker's GPU)."""
+        for key, (entropy, correct) in pairs.items():
+            self._pairs[key] = (entropy.cpu(), correct.cpu())
+
     def update(
         self,
         num_tasks: int,
@@ -83,17 +95,15 @@ class TaskInference:
     ) -> InferenceFigures:
         """Figures over tasks ``0..num_tasks-1``; ``logits(i, j)`` is sub-network i on test
         task j's inputs (``[N_j, C]``), ``labels(j)`` test task j's labels."""
-        for j in range(num_tasks):
-            y = None
-            for i in range(num_tasks):
-                if (i, j) in self._pairs:
-                    continue
-                if y is None:
-                    y = labels(j).cpu()
-                out = logits(i, j).detach().float().cpu()
-                logp = torch.log_softmax(out, dim=-1)
-                entropy = -(logp.exp() * logp).sum(-1)
-                self._pairs[(i, j)] = (entropy, out.argmax(-1) == y)
+        ys: dict[int, torch.Tensor] = {}
+        for i, j in self.missing(num_tasks):
+            if j not in ys:
+                ys[j] = labels(j)
+            self._pairs[(i, j)] = pair_stats(logits(i, j), ys[j])
+        return self.figures(num_tasks)
+
+    def figures(self, num_tasks: int) -> InferenceFigures:
+        """Figures over tasks ``0..num_tasks-1`` from the recorded pairs."""
         per_task = []
         for j in range(num_tasks):
             entropies = torch.stack([self._pairs[(i, j)][0] for i in range(num_tasks)])
@@ -113,3 +123,12 @@ class TaskInference:
             class_incremental_acc=sum(p["class_incremental_acc"] for p in per_task) / num_tasks,
             per_task=per_task,
         )
+
+
+def pair_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sub-network i on test task j: each input's prediction entropy and whether its argmax
+    is the label (both on the CPU), all that task inference keeps of a pair."""
+    out = logits.detach().float().cpu()
+    logp = torch.log_softmax(out, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return entropy, out.argmax(-1) == labels.cpu()

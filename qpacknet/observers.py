@@ -2,6 +2,8 @@
 
 The pipeline calls every observer after a task is committed and checkpointed, so an observer
 always sees a state that a resumed run would also reach; observers never change the run.
+Workers' events (:mod:`qpacknet.events`) reach observers on the driver as they arrive, which
+is how candidate runs are logged without any worker knowing about MLflow.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qpacknet.tracking.spec import CandidateTracking
+from qpacknet.events import Event
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,12 @@ class RunObserver:
     def run_started(self, event: RunStarted) -> None:
         """Called once before the first task of this invocation (after a resume, too)."""
 
-    def task_started(self, task: int) -> CandidateTracking | None:
-        """Called before task ``task``'s SEARCH; a tracker may return where the workers
-        should log their candidates (the first non-None answer is used)."""
-        return None
+    def task_started(self, task: int) -> None:
+        """Called before task ``task``'s SEARCH."""
+
+    def worker_event(self, event: Event) -> None:
+        """Called on the driver for every worker event, in arrival order, while the stage
+        runs (an epoch ended; a stage finished on some worker)."""
 
     def task_committed(self, event: TaskCommitted) -> None:
         """Called once per committed task, in task order."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +22,14 @@ import yaml
 from qpacknet import __version__
 from qpacknet.checkpoint import check_same_config, load_checkpoint, save_checkpoint, truncate
 from qpacknet.config import RunConfig
-from qpacknet.errors import DataError, ModelFileError, UsageError
+from qpacknet.devices import resolve_device
+from qpacknet.errors import CommitRefused, DataError, ModelFileError, UsageError
+from qpacknet.evaluation import EvalRequest
+from qpacknet.events import EpochEnded, Event, EventCallback, StageDone, worker_key
 from qpacknet.executor import Executor
 from qpacknet.fileio import atomic_write_json, atomic_write_text
 from qpacknet.layout import CONFIG_FILE, MODEL_FILE, RESULTS_FILE
 from qpacknet.metrics import AccuracyMatrix, InferenceFigures, TaskInference
-from qpacknet.model import PackedModel
 from qpacknet.nets import build
 from qpacknet.observers import RunObserver, RunStarted, TaskCommitted
 from qpacknet.progress import Progress
@@ -35,23 +38,9 @@ from qpacknet.search import CandidateResult, scores, select_winner
 from qpacknet.stages import Stage, TaskStages
 from qpacknet.store import PackedStore
 from qpacknet.store.capacity import TaskCapacity
-from qpacknet.train import EpochReport
 from qpacknet.worker import QuantizedTask, TaskContext
 
 __all__ = ["CONFIG_FILE", "MODEL_FILE", "RESULTS_FILE", "Pipeline", "hardware", "resolve_device"]
-
-
-def resolve_device(setting: str) -> str:
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda" and not torch.cuda.is_available():
-        from qpacknet.errors import ConfigError
-
-        raise ConfigError(
-            "device: 'cuda' was asked for but no CUDA device is visible; "
-            "use device=auto or device=cpu"
-        )
-    return setting
 
 
 def _cpu_model() -> str:
@@ -82,12 +71,22 @@ def hardware(device: str) -> dict[str, Any]:
 
 @dataclass
 class _Timer:
-    """Wall time per stage plus the pure candidate-training time reported by epochs."""
+    """Wall time per stage plus the candidate-training time the workers' epochs report
+    (summed over workers: with parallel actors it exceeds the wall time)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     candidate_epochs: int = 0
+
+
+@dataclass
+class _TaskLog:
+    """What one task's worker events said: who ran each stage, and the TRAIN epochs."""
+
+    stages: dict[str, Any] = field(default_factory=dict)
+    candidates: dict[int, str] = field(default_factory=dict)
+    train_epochs: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Pipeline:
@@ -110,12 +109,15 @@ class Pipeline:
         self.progress = progress or Progress()
         self.preset = preset
         self.observers = list(observers or [])
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, where="the driver")
         probe = build(config.net, stream.input_shape, stream.num_classes, 1)
         self.store = PackedStore(
             probe.layer_specs, b_max=config.quantize.b_max, meta=probe.describe()
         )
-        self.model = PackedModel(self.store, self.device, config.train.eval_batch_size)
+        self.workers: dict[str, dict[str, Any]] = {}
+        self.latencies: list[float] = []
+        self._log = _TaskLog()
+        self._begun = False
         self.matrix = AccuracyMatrix()
         self.inference = TaskInference()
         self.inference_figures: InferenceFigures | None = None
@@ -142,7 +144,7 @@ class Pipeline:
                     f"resuming after task {first}: tasks 1..{first} are committed in "
                     f"{self.model_path}"
                 )
-            self.executor.begin_run(self.stream)
+            self._begin_run()
             started = RunStarted(
                 self.config,
                 self.stream.name,
@@ -159,6 +161,8 @@ class Pipeline:
                 self.learn_task(t)
                 self._checkpoint(time.perf_counter() - start)
                 self._notify(t, num_tasks)
+            if self.inference_figures is None and self.store.num_tasks:
+                self.inference_figures = self._evaluate(self.store.num_tasks - 1, add_row=False)
         except BaseException as exc:
             for obs in self.observers:
                 obs.run_failed(exc)
@@ -203,9 +207,9 @@ class Pipeline:
         loaded = PackedStore.load(self.model_path)
         self._check_same_backbone(loaded.meta)
         self.store = truncate(loaded, len(state["tasks"]))
-        self.model = PackedModel(self.store, self.device, self.config.train.eval_batch_size)
         self.matrix.rows = [list(r) for r in state["matrix"]]
         self.task_reports = list(state["tasks"])
+        self.workers = dict(state.get("workers", {}))
         t = state["totals"]
         self.totals = _Timer(
             dict(t["seconds"]), t["train_seconds"], t["eval_seconds"], t["candidate_epochs"]
@@ -235,6 +239,7 @@ class Pipeline:
                 "config": self.config.model_dump(mode="json"),
                 "matrix": self.matrix.rows,
                 "tasks": self.task_reports,
+                "workers": self.workers,
                 "seconds": self._seconds_before + seconds,
                 "totals": {
                     "seconds": tot.seconds,
@@ -245,20 +250,58 @@ class Pipeline:
             },
         )
 
+    def _begin_run(self) -> None:
+        """Hand the stream to the executor once (also when tasks are learnt one by one)."""
+        if not self._begun:
+            self.executor.begin_run(self.stream, self.config)
+            self._begun = True
+
+    def _on_event(self, t: int, timer: _Timer, event: Event) -> None:
+        """Every worker event, the moment it reaches the driver: progress, the task's log
+        and the observers (MLflow). The only place where worker events are consumed."""
+        where = event.worker
+        key = worker_key(where)
+        self.workers.setdefault(key, dict(where))
+        if isinstance(event, EpochEnded):
+            rep = event.report
+            timer.train_seconds += rep.train_seconds
+            timer.eval_seconds += rep.eval_seconds
+            timer.candidate_epochs += len(event.candidates)
+            self.progress.epoch(t, list(event.candidates), rep)
+            self.latencies.append(max(0.0, time.time() - event.ended_at))
+            if rep.stage == "train":
+                self._log.train_epochs.append(
+                    {
+                        "epoch": rep.epoch,
+                        "loss": rep.loss[0],
+                        "val_acc": rep.val_acc[0],
+                        "ended_at": event.ended_at,
+                    }
+                )
+        elif isinstance(event, StageDone):
+            if event.stage == "search":
+                self._log.stages.setdefault("search", []).append(key)
+                for c in event.candidates:
+                    self._log.candidates[c] = key
+            else:
+                self._log.stages[event.stage] = key
+        for obs in self.observers:
+            obs.worker_event(event)
+
     def learn_task(self, t: int) -> None:
-        """Run task ``t`` through all four stages and add its accuracy-matrix row."""
+        """Run task ``t`` through all stages and add its accuracy-matrix row."""
         cfg = self.config
         stages = TaskStages(t)
         timer = _Timer()
+        self._log = _TaskLog()
         self.progress.task_start(t)
 
-        def on_epoch(cands: list[int], rep: EpochReport) -> None:
-            timer.train_seconds += rep.train_seconds
-            timer.eval_seconds += rep.eval_seconds
-            timer.candidate_epochs += len(cands)
-            self.progress.epoch(t, cands, rep)
+        def on_event(event: Event) -> None:
+            self._on_event(t, timer, event)
 
-        specs = [obs.task_started(t) for obs in self.observers]
+        self._begin_run()
+        for obs in self.observers:
+            obs.task_started(t)
         t0 = time.perf_counter()
         ctx = TaskContext(
             cfg,
@@ -266,17 +309,14 @@ class Pipeline:
             self.stream.input_shape,
             self.stream.num_classes,
             self.store.available(),
-            self.device,
-            next((s for s in specs if s is not None), None),
             *self._sharing(),
         )
         self.executor.begin_task(ctx, self.stream)
-        val = self.stream.val_split(t)
         timer.seconds["data"] = time.perf_counter() - t0
 
         stages.advance(Stage.SEARCH)
         t0 = time.perf_counter()
-        results = sorted(self.executor.search(on_epoch), key=lambda r: r.index)
+        results = sorted(self.executor.search(on_event), key=lambda r: r.index)
         self._check_search(results)
         winner = select_winner(results, cfg.search.alpha, cfg.search.beta)
         sc = scores(results, cfg.search.alpha, cfg.search.beta)
@@ -289,7 +329,7 @@ class Pipeline:
 
         stages.advance(Stage.TRAIN)
         t0 = time.perf_counter()
-        outcome = self.executor.train(winner, on_epoch)
+        outcome = self.executor.train(winner, on_event)
         if outcome.candidate != winner or not math.isfinite(outcome.float_acc):
             raise RuntimeError(f"TRAIN returned {outcome!r} for winner {winner}")
         timer.seconds["train"] = time.perf_counter() - t0
@@ -299,7 +339,7 @@ class Pipeline:
 
         stages.advance(Stage.QUANTIZE)
         t0 = time.perf_counter()
-        q = self.executor.quantize()
+        q = self.executor.quantize(on_event)
         self._check_quantized(q, winner)
         timer.seconds["quantize"] = time.perf_counter() - t0
         drop = (
@@ -316,42 +356,62 @@ class Pipeline:
 
         stages.advance(Stage.COMMIT)
         t0 = time.perf_counter()
-        if q.shared is not None and not self.config.sharing.enabled:
-            raise RuntimeError(f"task {t}: QUANTIZE returned shared weights with sharing off")
-        task_id = self.store.commit(
-            q.masks, q.codes, q.codebooks, q.bit_width, q.task_state, q.shared
-        )
-        self.model.refresh()
-        packed_val = self.model.accuracy(task_id, val)
-        if packed_val != q.quant_acc:
-            raise RuntimeError(
-                f"task {t}: packed model gives val acc {packed_val} but the "
-                f"quantised network gave {q.quant_acc}; refusing to go on"
-            )
-        self.store.save(self.model_path)
+        self._commit(t, q)
         self.executor.end_task()
         timer.seconds["commit"] = time.perf_counter() - t0
-        stages.advance(Stage.DONE)
 
+        stages.advance(Stage.EVALUATE)
         t0 = time.perf_counter()
-        row = self.matrix.add_row(lambda j: self.model.accuracy(j, self.stream.test_split(j)))
+        inference = self._evaluate(t, add_row=True, on_event=on_event)
         timer.seconds["evaluate"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        inference = self._infer_tasks(t + 1)
-        timer.seconds["task_inference"] = time.perf_counter() - t0
+        stages.advance(Stage.DONE)
         cap = self.store.capacity()
-        self.progress.task_done(t, row, cap.capacity_pct)
+        self.progress.task_done(t, self.matrix.rows[t], cap.capacity_pct)
         self.progress.task_inference(t, inference)
         self.inference_figures = inference
         self._record(t, results, sc, winner, q, timer, cap.per_task[t], inference)
 
-    def _infer_tasks(self, num_tasks: int) -> InferenceFigures:
-        """Class-incremental figures over the committed tasks (no task id given)."""
+    def _commit(self, t: int, q: QuantizedTask) -> None:
+        """COMMIT, checked bit for bit (DESIGN.md §4): what arrived must hash to the digest
+        the worker took of what it quantised, and after writing the words the store's
+        read-back must hash the same. No float from another process is compared: devices
+        and kernels differ in rounding. The model file is written only after both checks."""
+        if q.shared is not None and not self.config.sharing.enabled:
+            raise RuntimeError(f"task {t + 1}: QUANTIZE returned shared weights with sharing off")
+        received = q.parts_digest()
+        if received != q.digest:
+            raise CommitRefused(
+                f"task {t + 1}: COMMIT refused: the quantised task that reached the driver "
+                f"(digest {received[:16]}) is not what the worker quantised (digest "
+                f"{q.digest[:16]}); its codes, codebooks, masks or state changed on the way. "
+                f"Nothing was committed and {self.model_path} is unchanged; resume the run "
+                "(same command) to learn this task again"
+            )
+        task_id = self.store.commit(
+            q.masks, q.codes, q.codebooks, q.bit_width, q.task_state, q.shared
+        )
+        stored = self.store.parts(task_id).digest()
+        if stored != q.digest:
+            raise CommitRefused(
+                f"task {t + 1}: COMMIT refused: the packed words read back as digest "
+                f"{stored[:16]}, not the quantised task's {q.digest[:16]} (a packing bug); "
+                f"{self.model_path} is unchanged"
+            )
+        self.store.save(self.model_path)
 
-        def logits(i: int, j: int) -> torch.Tensor:
-            return self.model.logits(i, self.stream.test_split(j).x)
-
-        return self.inference.update(num_tasks, logits, lambda j: self.stream.test_split(j).y)
+    def _evaluate(
+        self, t: int, add_row: bool, on_event: EventCallback | None = None
+    ) -> InferenceFigures:
+        """EVALUATE on the executor's evaluation worker: R[t] re-evaluated from the packed
+        model (``add_row``) and the task-inference pairs not yet known."""
+        request = EvalRequest(t, tuple(self.inference.missing(t + 1)))
+        ev = self.executor.evaluate(self.store, request, on_event)
+        if ev.task != t or len(ev.row) != t + 1 or set(ev.pairs) != set(request.pairs):
+            raise RuntimeError(f"EVALUATE returned a result for another request (task {t + 1})")
+        if add_row:
+            self.matrix.add_row(lambda j: ev.row[j])
+        self.inference.add(ev.pairs)
+        return self.inference.figures(t + 1)
 
     def _sharing(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
         """What a new task may share (TinySubNets option): the claimed weights and their
@@ -406,6 +466,7 @@ class Pipeline:
                         "sparsity": r.sparsity,
                         "score": s,
                         "shared": r.shared,
+                        "worker": self._log.candidates.get(r.index),
                     }
                     for r, s in zip(results, sc, strict=True)
                 ],
@@ -420,6 +481,9 @@ class Pipeline:
                 "seconds": dict(timer.seconds),
                 "candidate_epochs": timer.candidate_epochs,
                 "training_seconds": timer.train_seconds,
+                "commit_digest": q.digest,
+                "ran_on": dict(self._log.stages),
+                "train_epochs": list(self._log.train_epochs),
             }
         )
 
@@ -428,7 +492,7 @@ class Pipeline:
         the packed model when the run was resumed after its last task)."""
         figures = self.inference_figures
         if figures is None:
-            figures = self._infer_tasks(self.store.num_tasks)
+            raise RuntimeError("the run ended without task-inference figures")
         return {
             "task_inference_acc": figures.task_inference_acc,
             "class_incremental_acc": figures.class_incremental_acc,
@@ -438,6 +502,8 @@ class Pipeline:
     def _results(self, seconds_total: float) -> dict[str, Any]:
         cap = self.store.capacity()
         tot = self.totals
+        parallel = tot.seconds.get("search", 0.0) + tot.seconds.get("train", 0.0)
+        lat = sorted(self.latencies)
         return {
             "scenario": self.stream.name,
             "preset": self.preset,
@@ -457,12 +523,23 @@ class Pipeline:
             "seconds_by_stage": tot.seconds,
             "throughput": {
                 "candidate_epochs": tot.candidate_epochs,
-                "candidate_training_seconds": tot.train_seconds,
-                "candidate_epochs_per_second": (
+                "search_train_wall_seconds": parallel,
+                "candidate_epochs_per_second": tot.candidate_epochs / parallel if parallel else 0.0,
+                "worker_training_seconds": tot.train_seconds,
+                "candidate_epochs_per_worker_second": (
                     tot.candidate_epochs / tot.train_seconds if tot.train_seconds else 0.0
                 ),
-                "validation_seconds": tot.eval_seconds,
-                "non_training_fraction": 1.0 - tot.train_seconds / seconds_total,
+                "worker_validation_seconds": tot.eval_seconds,
+                "non_training_fraction": max(0.0, 1.0 - parallel / seconds_total),
             },
+            "event_latency_s": {
+                "events": len(lat),
+                "median": statistics.median(lat) if lat else None,
+                "p90": lat[int(0.9 * (len(lat) - 1))] if lat else None,
+                "max": lat[-1] if lat else None,
+            },
+            "chunks": self.executor.chunk_plan(self.config.search.population),
+            "evaluation": self.executor.evaluator,
+            "workers": self.workers,
             "hardware": hardware(self.device),
         }

@@ -1,6 +1,6 @@
 """Per-task stages as an explicit state machine (like Avalanche's PackNet phases).
 
-``PENDING → SEARCH → TRAIN → QUANTIZE → COMMIT → DONE``; anything else raises
+``PENDING → SEARCH → TRAIN → QUANTIZE → COMMIT → EVALUATE → DONE``; anything else raises
 :class:`~qpacknet.errors.IllegalTransition`, so a stage can never run on the output of a stage
 that did not finish (the reference code stored masks from a different step than weights).
 """
@@ -18,6 +18,7 @@ class Stage(Enum):
     TRAIN = "train"
     QUANTIZE = "quantize"
     COMMIT = "commit"
+    EVALUATE = "evaluate"
     DONE = "done"
 
 
@@ -26,7 +27,8 @@ _NEXT = {
     Stage.SEARCH: Stage.TRAIN,
     Stage.TRAIN: Stage.QUANTIZE,
     Stage.QUANTIZE: Stage.COMMIT,
-    Stage.COMMIT: Stage.DONE,
+    Stage.COMMIT: Stage.EVALUATE,
+    Stage.EVALUATE: Stage.DONE,
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -102,7 +102,44 @@ def fit(
     keep_best: bool,
     on_epoch: EpochCallback | None = None,
 ) -> list[float]:
-    """Train all candidates of ``net`` for ``epochs``; returns final validation accuracies.
+    """Train all candidates of ``net`` for ``epochs``; returns final validation accuracies
+    (:func:`fit_epochs` with a callback instead of a generator)."""
+    steps = fit_epochs(
+        net,
+        train,
+        val,
+        cfg,
+        seed=seed,
+        task=task,
+        stage=stage,
+        epochs=epochs,
+        schedule=schedule,
+        keep_best=keep_best,
+    )
+    while True:
+        try:
+            report = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if on_epoch is not None:
+            on_epoch(report)
+
+
+def fit_epochs(
+    net: PopulationNet,
+    train: Split,
+    val: Split,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    task: int,
+    stage: str,
+    epochs: int,
+    schedule: bool,
+    keep_best: bool,
+) -> Generator[EpochReport, None, list[float]]:
+    """Train all candidates of ``net`` for ``epochs``, yielding each epoch's report as soon as
+    it ends (workers stream them to the driver); returns final validation accuracies.
 
     ``schedule``: cosine decay to ``lr_min`` (TRAIN) instead of a constant ``lr`` (SEARCH).
     ``keep_best``: restore, per candidate, the weights of its best validation epoch (TRAIN
@@ -140,19 +177,16 @@ def fit(
             if any(improved):
                 best_state = _merge_best(net, best_state, improved)
                 best_acc = [max(a, b) for a, b in zip(accs, best_acc, strict=True)]
-        if on_epoch is not None:
-            on_epoch(
-                EpochReport(
-                    stage,
-                    epoch + 1,
-                    epochs,
-                    lr,
-                    (loss_sum / max(steps, 1)).tolist(),
-                    accs,
-                    trained - start,
-                    time.perf_counter() - trained,
-                )
-            )
+        yield EpochReport(
+            stage,
+            epoch + 1,
+            epochs,
+            lr,
+            (loss_sum / max(steps, 1)).tolist(),
+            accs,
+            trained - start,
+            time.perf_counter() - trained,
+        )
     if keep_best and best_state is not None:
         net.load_state_dict(best_state)
         return best_acc

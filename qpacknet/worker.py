@@ -1,26 +1,34 @@
 """The unit of work an executor runs: a chunk of candidates, trained as one population.
 
 A :class:`CandidateWorker` is pure torch (no Ray, no MLflow) so the in-process executor and
-the Ray actors (next issue) run the same code. It keeps the trained population, so the
-winner's worker continues with TRAIN and QUANTIZE on the state it already holds; losers'
-weights are never shipped anywhere.
+the Ray actors run the same code. It keeps the trained population, so the winner's worker
+continues with TRAIN and QUANTIZE on the state it already holds; losers' weights are never
+shipped anywhere. Each stage is a generator of :mod:`~qpacknet.events` (an event per epoch as
+it ends, then the stage's result), which the executor drives in-process or streams from a
+Ray actor to the driver.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 import time
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from qpacknet.config import RunConfig
 from qpacknet.errors import IllegalTransition
+from qpacknet.events import EpochEnded, Event, StageDone
 from qpacknet.nets import PopulationNet, build
 from qpacknet.quantize import QuantResult, search_bit_width
 from qpacknet.scenarios.base import Split
 from qpacknet.search import CandidateResult, draw_mask, draw_shared, weighted_sparsity
-from qpacknet.tracking.spec import CandidateTracking
-from qpacknet.train import EpochCallback, evaluate, fit
+from qpacknet.store.digest import task_digest
+from qpacknet.train import EpochReport, evaluate, fit_epochs
 
 
 @dataclass(frozen=True)
@@ -34,8 +42,6 @@ class TaskContext:
     input_shape: tuple[int, ...]
     num_classes: int
     available: dict[str, torch.Tensor]
-    device: str = "cpu"
-    tracking: CandidateTracking | None = None
     claimed: dict[str, torch.Tensor] | None = None
     frozen: dict[str, torch.Tensor] | None = None
 
@@ -63,6 +69,13 @@ class QuantizedTask:
     within_delta: bool
     tried: list[tuple[int, float]] = field(default_factory=list)
     shared: dict[str, torch.Tensor] | None = None
+    digest: str = ""
+
+    def parts_digest(self) -> str:
+        """The digest of what this result asks COMMIT to write (recomputed, not ``digest``)."""
+        return task_digest(
+            self.bit_width, self.masks, self.codes, self.codebooks, self.task_state, self.shared
+        )
 
 
 def init_population(
@@ -102,12 +115,23 @@ def _shared_fraction(net: PopulationNet, i: int) -> float:
 
 
 class CandidateWorker:
-    """Trains one chunk of candidates of one task; continues the winner if it holds it."""
+    """Trains one chunk of candidates of one task; continues the winner if it holds it.
 
-    def __init__(self, ctx: TaskContext, train: Split, val: Split) -> None:
+    ``where`` describes this process (:func:`qpacknet.devices.describe`); every event it emits
+    carries it, so the driver records which worker and device trained what."""
+
+    def __init__(
+        self,
+        ctx: TaskContext,
+        train: Split,
+        val: Split,
+        device: str = "cpu",
+        where: dict[str, Any] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.cfg = ctx.config
-        self.device = torch.device(ctx.device)
+        self.device = torch.device(device)
+        self.where = dict(where or {"device": str(self.device)})
         self.train_split = train.to(self.device)
         self.val_split = val.to(self.device)
         self.candidates: list[int] = []
@@ -119,12 +143,28 @@ class CandidateWorker:
     def _new_net(self, k: int) -> PopulationNet:
         return build(self.cfg.net, self.ctx.input_shape, self.ctx.num_classes, k).to(self.device)
 
-    def search(
-        self, candidates: list[int], on_epoch: EpochCallback | None = None
-    ) -> list[CandidateResult]:
-        """Algorithm 1 for this chunk: draw masks, Xavier-init, train E_short epochs together."""
+    def _epochs(
+        self, reports: Generator[EpochReport, None, list[float]], candidates: list[int]
+    ) -> Generator[Event, None, list[float]]:
+        """Wrap each epoch report as an :class:`EpochEnded` the moment it exists."""
+        while True:
+            try:
+                report = next(reports)
+            except StopIteration as stop:
+                return stop.value
+            yield EpochEnded(self.ctx.task, tuple(candidates), report, time.time(), self.where)
+
+    def _done(self, stage: str, candidates: list[int], result: Any, started: float) -> StageDone:
+        return StageDone(
+            stage, self.ctx.task, tuple(candidates), result, started, time.time(), self.where
+        )
+
+    def search(self, candidates: list[int]) -> Iterator[Event]:
+        """Algorithm 1 for this chunk: draw masks, Xavier-init, train E_short epochs together;
+        ends with a ``StageDone("search")`` holding the chunk's ``list[CandidateResult]``."""
         if self.population is not None:
             raise IllegalTransition("this worker already searched its chunk")
+        started = time.time()
         net = self._new_net(len(candidates))
         masks = init_population(
             net,
@@ -135,22 +175,24 @@ class CandidateWorker:
             self.ctx.claimed,
             self.ctx.frozen,
         )
-        accs = fit(
-            net,
-            self.train_split,
-            self.val_split,
-            self.cfg.train,
-            seed=self.cfg.seed,
-            task=self.ctx.task,
-            stage="search",
-            epochs=self.cfg.search.epochs,
-            schedule=False,
-            keep_best=False,
-            on_epoch=on_epoch,
+        accs = yield from self._epochs(
+            fit_epochs(
+                net,
+                self.train_split,
+                self.val_split,
+                self.cfg.train,
+                seed=self.cfg.seed,
+                task=self.ctx.task,
+                stage="search",
+                epochs=self.cfg.search.epochs,
+                schedule=False,
+                keep_best=False,
+            ),
+            candidates,
         )
         self.population = net
         self.candidates = list(candidates)
-        return [
+        results = [
             CandidateResult(
                 index=c,
                 acc=acc,
@@ -160,16 +202,18 @@ class CandidateWorker:
             )
             for i, (c, acc, m) in enumerate(zip(candidates, accs, masks, strict=True))
         ]
+        yield self._done("search", candidates, results, started)
 
     def holds(self, candidate: int) -> bool:
         return candidate in self.candidates
 
-    def train(self, candidate: int, on_epoch: EpochCallback | None = None) -> TrainOutcome:
+    def train(self, candidate: int) -> Iterator[Event]:
         """Stage 2: continue the winner from its short-trained state for E_full epochs with
-        the cosine schedule, keeping the best validation epoch's weights."""
+        the cosine schedule, keeping the best validation epoch's weights; ends with a
+        ``StageDone("train")`` holding the :class:`TrainOutcome`."""
         if self.population is None or candidate not in self.candidates:
             raise IllegalTransition(f"candidate {candidate} was not searched by this worker")
-        start = time.perf_counter()
+        started, start = time.time(), time.perf_counter()
         slot = self.candidates.index(candidate)
         weights, masks, state = self.population.candidate(slot)
         single = self._new_net(1)
@@ -177,26 +221,34 @@ class CandidateWorker:
         self._copy_sharing(self.population, slot, single)
         if hasattr(single, "key_dropout"):
             single.key_dropout(self.cfg.seed, self.ctx.task, [candidate])
-        acc = fit(
-            single,
-            self.train_split,
-            self.val_split,
-            self.cfg.train,
-            seed=self.cfg.seed,
-            task=self.ctx.task,
-            stage="train",
-            epochs=self.cfg.train.epochs,
-            schedule=True,
-            keep_best=True,
-            on_epoch=on_epoch,
+        acc = yield from self._epochs(
+            fit_epochs(
+                single,
+                self.train_split,
+                self.val_split,
+                self.cfg.train,
+                seed=self.cfg.seed,
+                task=self.ctx.task,
+                stage="train",
+                epochs=self.cfg.train.epochs,
+                schedule=True,
+                keep_best=True,
+            ),
+            [candidate],
         )
         self.single, self.single_candidate, self.float_acc = single, candidate, acc[0]
-        return TrainOutcome(candidate, acc[0], self.cfg.train.epochs, time.perf_counter() - start)
+        outcome = TrainOutcome(
+            candidate, acc[0], self.cfg.train.epochs, time.perf_counter() - start
+        )
+        yield self._done("train", [candidate], outcome, started)
 
-    def quantize(self) -> QuantizedTask:
-        """Stage 3 (Algorithms 2-3): the smallest bit-width within δ of the float accuracy."""
+    def quantize(self) -> Iterator[Event]:
+        """Stage 3 (Algorithms 2-3): the smallest bit-width within δ of the float accuracy;
+        ends with a ``StageDone("quantize")`` holding the :class:`QuantizedTask` and the
+        digest of its parts, computed here so that the driver can check COMMIT bit for bit."""
         if self.single is None or self.float_acc is None or self.single_candidate is None:
             raise IllegalTransition("quantize() needs a trained winner: call train() first")
+        started = time.time()
         weights, masks, state = self.single.candidate(0)
         probe = self._new_net(1)
         self._copy_sharing(self.single, 0, probe)
@@ -210,7 +262,7 @@ class CandidateWorker:
         res: QuantResult = search_bit_width(
             weights, masks, accuracy, self.float_acc, q.psi_min, q.b_max, q.delta, q.kmeans_iters
         )
-        return QuantizedTask(
+        result = QuantizedTask(
             candidate=self.single_candidate,
             bit_width=res.bits,
             masks={k: v.cpu() for k, v in masks.items()},
@@ -223,6 +275,8 @@ class CandidateWorker:
             tried=res.tried,
             shared=None if shared is None else {k: v.cpu() for k, v in shared.items()},
         )
+        result = dataclasses.replace(result, digest=result.parts_digest())
+        yield self._done("quantize", [self.single_candidate], _test_hooks(result), started)
 
     @staticmethod
     def _copy_sharing(source: PopulationNet, slot: int, target: PopulationNet) -> None:
@@ -230,3 +284,38 @@ class CandidateWorker:
         shared, frozen = source.shared_mask(slot), source.frozen_values()
         if shared is not None and frozen is not None:
             target.set_sharing(frozen, [shared])
+
+
+FLIP_CODE_BIT_ENV = "QPACKNET_TEST_FLIP_CODE_BIT"
+ULP_ENV = "QPACKNET_TEST_EVAL_ULP"
+
+
+def _hook(env: str) -> bool:
+    """A test hook is on while the marker file named by ``$env`` exists (Ray's marker-file
+    pattern: tests switch hooks inside actors that started long before)."""
+    marker = os.environ.get(env)
+    return bool(marker) and os.path.exists(marker)
+
+
+def perturbed(acc: float) -> float:
+    """Test hook: with ``$QPACKNET_TEST_EVAL_ULP`` on, ``acc`` one ulp higher, as another
+    device's kernels may give it; nothing may compare such floats across processes."""
+    return math.nextafter(acc, math.inf) if _hook(ULP_ENV) else acc
+
+
+def _test_hooks(result: QuantizedTask) -> QuantizedTask:
+    """Fault injection for tests. ``$QPACKNET_TEST_EVAL_ULP``: the reported accuracies move
+    by one ulp (must still commit). ``$QPACKNET_TEST_FLIP_CODE_BIT``: the lowest bit of the
+    first code of the first layer flips *after* the digest was taken, as a corrupted transfer
+    or a packing bug would (the driver's COMMIT check must refuse it)."""
+    result = dataclasses.replace(
+        result, float_acc=perturbed(result.float_acc), quant_acc=perturbed(result.quant_acc)
+    )
+    if not _hook(FLIP_CODE_BIT_ENV):
+        return result
+    name = sorted(result.codes)[0]
+    codes = dict(result.codes)
+    flipped = codes[name].clone()
+    flipped.view(-1)[0] ^= 1
+    codes[name] = flipped
+    return dataclasses.replace(result, codes=codes)

@@ -11,6 +11,7 @@ import ray
 
 from qpacknet.cluster import RayExecutor
 from qpacknet.cluster.connect import keep_loopback
+from qpacknet.config import RunConfig
 from qpacknet.executor import LocalExecutor
 from qpacknet.pipeline import MODEL_FILE, Pipeline
 from qpacknet.progress import Progress
@@ -44,8 +45,8 @@ def _stream(kind: str) -> TaskStream:
     )
 
 
-def _run(tmp: Path, executor: object, kind: str = "blobs") -> dict:
-    cfg = tiny_config(
+def _config(kind: str) -> RunConfig:
+    return tiny_config(
         executor={
             "candidates_per_worker": 2,
             "workers": 2,
@@ -54,18 +55,17 @@ def _run(tmp: Path, executor: object, kind: str = "blobs") -> dict:
         },
         sharing={"enabled": kind.endswith("sharing")},
     )
-    return Pipeline(cfg, _stream(kind), executor, tmp, Progress(verbose=False)).run()
+
+
+def _run(tmp: Path, executor: object, kind: str = "blobs") -> dict:
+    return Pipeline(_config(kind), _stream(kind), executor, tmp, Progress(verbose=False)).run()
 
 
 @pytest.mark.parametrize("kind", ["blobs", "digits", "blobs-sharing"])
 def test_same_winner_and_packed_model_as_local(tmp_path: Path, local_ray: Path, kind: str) -> None:
-    cfg = tiny_config(executor={"candidates_per_worker": 2})
     local = _run(tmp_path / "local", LocalExecutor(), kind)
-    remote_exec = RayExecutor(
-        cfg.executor.model_copy(update={"workers": 2, "gpus_per_worker": 0}),
-        population=cfg.search.population,
-    )
-    assert remote_exec.actors_started == 2, "population= must start the actors up front"
+    remote_exec = RayExecutor(_config(kind))
+    assert remote_exec.actors_started == 2, "the actors must start up front"
     remote = _run(tmp_path / "ray", remote_exec, kind)
     assert remote_exec.actors_started == 2
     assert [t["winner"] for t in remote["tasks"]] == [t["winner"] for t in local["tasks"]]
@@ -84,11 +84,7 @@ def test_killed_actor_is_replaced_and_search_ends_with_same_winner(
     """The replacement must also get the run's stream (``digits``) or the task's data."""
     baseline = _run(tmp_path / "base", LocalExecutor(), kind)
     (local_ray / "die").write_text("candidate actor: exit once")
-    ex = RayExecutor(
-        tiny_config(
-            executor={"candidates_per_worker": 2, "workers": 2, "gpus_per_worker": 0}
-        ).executor
-    )
+    ex = RayExecutor(_config(kind))
     res = _run(tmp_path / "faulty", ex, kind)
     assert not (local_ray / "die").exists(), "the fault was never injected"
     assert ex.restarts >= 1

@@ -41,7 +41,7 @@ def test_population_spreads_over_gpu_nodes_and_queues(tmp_path: Path, cluster: C
         executor={"candidates_per_worker": 1, "workers": "auto", "gpus_per_worker": 1}, **over
     )
     assert ray.cluster_resources().get("GPU") == 2
-    ex = RayExecutor(cfg.executor)
+    ex = RayExecutor(cfg)
     remote = Pipeline(
         cfg, BlobStream(num_tasks=2), ex, tmp_path / "ray", Progress(verbose=False)
     ).run()
@@ -64,3 +64,65 @@ def test_population_spreads_over_gpu_nodes_and_queues(tmp_path: Path, cluster: C
     assert (tmp_path / "ray" / MODEL_FILE).read_bytes() == (
         tmp_path / "local" / MODEL_FILE
     ).read_bytes()
+
+
+def test_default_population_uses_both_nodes_and_driver_logs_every_candidate_run(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    """``candidates_per_worker`` unset: one chunk per GPU actor, both nodes busy at once; the
+    default local sqlite store (in the driver's out dir, which no actor could reach on a real
+    cluster) holds every candidate run, logged by the driver from the streamed events."""
+    from mlflow import MlflowClient
+
+    from qpacknet.tracking.tracker import MlflowTracker, default_uri
+
+    over = {"search": {"population": 6, "epochs": 1}, "train": {"epochs": 2}}
+    cfg = tiny_config(executor={"workers": "auto", "gpus_per_worker": 1}, **over)
+    out = tmp_path / "ray"
+    tracker = MlflowTracker(cfg.tracking, out)
+    ex = RayExecutor(cfg)
+    res = Pipeline(
+        cfg, BlobStream(num_tasks=2), ex, out, Progress(verbose=False), observers=[tracker]
+    ).run()
+    assert res["chunks"] == [[0, 1, 2], [3, 4, 5]]
+    gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU")}
+    assert set(ex.placements.values()) == gpu_nodes and len(gpu_nodes) == 2
+    assert {w["node_id"] for w in res["workers"].values()} == gpu_nodes
+    for task in res["tasks"]:
+        assert len(set(task["ran_on"]["search"])) == 2
+        assert {c["worker"] for c in task["candidates"]} == set(task["ran_on"]["search"])
+
+    client = MlflowClient(tracking_uri=default_uri(out))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.`qpacknet.candidate` != ''")
+    assert len(runs) == 2 * 6
+    by_key = {(r.data.tags["qpacknet.task"], r.data.tags["qpacknet.candidate"]): r for r in runs}
+    assert set(by_key) == {(str(t), str(c)) for t in range(2) for c in range(6)}
+    for (t, c), run in by_key.items():
+        node = run.data.tags["qpacknet.worker.node_id"]
+        assert node == res["workers"][res["tasks"][int(t)]["candidates"][int(c)]["worker"]][
+            "node_id"
+        ]
+        assert run.data.metrics["val_acc"] == res["tasks"][int(t)]["candidates"][int(c)]["acc"]
+        assert run.info.end_time >= run.info.start_time
+    for t, task in enumerate(res["tasks"]):
+        winner = by_key[(str(t), str(task["winner"]))]
+        assert winner.data.tags.get("qpacknet.winner") == "true"
+        history = client.get_metric_history(winner.info.run_id, "train_val_acc")
+        assert [m.step for m in history] == [1, 2]
+
+
+def test_actor_given_a_gpu_it_cannot_see_fails_loudly(tmp_path: Path, cluster: Cluster) -> None:
+    """The simulated nodes advertise a GPU that no CUDA backs: with ``device: auto`` an actor
+    that Ray gave a GPU must stop the run naming its node, not train on the CPU unannounced."""
+    from qpacknet.devices import DeviceError
+
+    cfg = tiny_config(device="auto", executor={"workers": 1, "gpus_per_worker": 1})
+    ex = RayExecutor(cfg)
+    try:
+        with pytest.raises(DeviceError, match=r"node [0-9a-f]{8}.*GPU"):
+            Pipeline(
+                cfg, BlobStream(num_tasks=1), ex, tmp_path / "gpu", Progress(verbose=False)
+            ).run()
+    finally:
+        ex.close()

@@ -10,7 +10,14 @@ from qpacknet.stages import Stage, TaskStages
 
 def test_legal_order() -> None:
     s = TaskStages(0)
-    for stage in (Stage.SEARCH, Stage.TRAIN, Stage.QUANTIZE, Stage.COMMIT, Stage.DONE):
+    for stage in (
+        Stage.SEARCH,
+        Stage.TRAIN,
+        Stage.QUANTIZE,
+        Stage.COMMIT,
+        Stage.EVALUATE,
+        Stage.DONE,
+    ):
         s.advance(stage)
         assert s.stage is stage
 
@@ -23,7 +30,11 @@ def test_legal_order() -> None:
         ([Stage.SEARCH], Stage.QUANTIZE),
         ([Stage.SEARCH], Stage.SEARCH),
         ([Stage.SEARCH, Stage.TRAIN], Stage.COMMIT),
-        ([Stage.SEARCH, Stage.TRAIN, Stage.QUANTIZE, Stage.COMMIT, Stage.DONE], Stage.SEARCH),
+        ([Stage.SEARCH, Stage.TRAIN, Stage.QUANTIZE, Stage.COMMIT], Stage.DONE),
+        (
+            [Stage.SEARCH, Stage.TRAIN, Stage.QUANTIZE, Stage.COMMIT, Stage.EVALUATE, Stage.DONE],
+            Stage.SEARCH,
+        ),
     ],
 )
 def test_illegal_transitions_raise(done: list[Stage], bad: Stage) -> None:

@@ -1,46 +1,61 @@
 """The candidate actor: a :class:`~qpacknet.worker.CandidateWorker` per chunk, kept alive
-across the stages of a task so the winner continues where it stopped (no weights shipped)."""
+across the stages of a task so the winner continues where it stopped (no weights shipped).
+
+Every stage method is a generator: Ray runs it as a streaming generator, so each epoch's
+:class:`~qpacknet.events.EpochEnded` reaches the driver while the stage still runs, and the
+stage's :class:`~qpacknet.events.StageDone` comes last. The actor resolves its own device
+(:func:`~qpacknet.devices.resolve_device`) and fails loudly when Ray gave it a GPU that it
+cannot see. It imports nothing of MLflow.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from qpacknet.cluster.transfer import unpack_splits
+from qpacknet.cluster.transfer import unpack_split, unpack_splits
+from qpacknet.config import RunConfig
+from qpacknet.devices import configure, describe, resolve_device
+from qpacknet.evaluation import EvalRequest, evaluate_stage
+from qpacknet.events import Event
 from qpacknet.scenarios.base import Split, TaskStream
-from qpacknet.search import CandidateResult
-from qpacknet.tracking.candidates import CandidateRuns, open_runs
-from qpacknet.train import EpochReport
-from qpacknet.worker import CandidateWorker, QuantizedTask, TaskContext, TrainOutcome
+from qpacknet.store import PackedStore
+from qpacknet.worker import CandidateWorker, TaskContext
 
 
 class CandidateActor:
     """Plain class; :class:`~qpacknet.cluster.ray_executor.RayExecutor` wraps it with
     ``ray.remote`` and the configured resources."""
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, config: RunConfig, threads: int | None = None) -> None:
+        import ray
+
         if threads:
             torch.set_num_threads(threads)
+        node = ray.get_runtime_context().get_node_id()
+        gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        where = f"Ray actor pid {os.getpid()} on node {node} (host {socket.gethostname()})"
+        self.device = resolve_device(config.device, gpu_ids=gpu_ids, where=where)
+        self.where = {
+            **describe(self.device, node),
+            **configure(self.device, config.train.allow_tf32),
+            "gpu_ids": gpu_ids,
+        }
+        self.batch_size = config.train.eval_batch_size
         self._ctx: TaskContext | None = None
         self._stream: TaskStream | None = None
         self._splits: tuple[Split, Split] | None = None
         self._workers: dict[int, CandidateWorker] = {}
-        self._runs: CandidateRuns | None = None
 
     def info(self) -> dict[str, Any]:
-        import ray
-
-        rt = ray.get_runtime_context()
-        return {
-            "node_id": rt.get_node_id(),
-            "pid": os.getpid(),
-            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "cuda": torch.cuda.is_available(),
-            "threads": torch.get_num_threads(),
-        }
+        """Where this actor runs and on what device (asked once when it starts)."""
+        return dict(self.where)
 
     def begin_run(self, stream: TaskStream) -> None:
         """Keep the run's stream (see :meth:`TaskStream.for_workers`) to build tasks locally."""
@@ -49,8 +64,7 @@ class CandidateActor:
     def begin_task(self, ctx: TaskContext, packed: dict[str, Any] | None) -> int:
         """Set up task ``ctx.task``; its splits come from ``packed`` when the driver sent
         them, else this actor builds them from the run's stream."""
-        device = "cuda" if torch.cuda.is_available() and ctx.device.startswith("cuda") else "cpu"
-        self._ctx = dataclasses.replace(ctx, device=device)
+        self._ctx = ctx
         if packed is not None:
             self._splits = unpack_splits(packed)
         elif self._stream is not None:
@@ -58,22 +72,15 @@ class CandidateActor:
         else:
             raise RuntimeError("begin_task() without data needs begin_run() with a stream")
         self._workers = {}
-        if self._runs is not None:
-            self._runs.close()
-        self._runs = open_runs(ctx.tracking)
         return os.getpid()
 
-    def search(self, chunk: list[int]) -> tuple[list[CandidateResult], list[EpochReport]]:
+    def search(self, chunk: list[int]) -> Iterator[Event]:
         _maybe_die()
         if self._ctx is None or self._splits is None:
             raise RuntimeError("begin_task() was not called on this actor")
-        reports: list[EpochReport] = []
-        worker = CandidateWorker(self._ctx, *self._splits)
-        results = worker.search(chunk, reports.append)
+        worker = CandidateWorker(self._ctx, *self._splits, self.device, self.where)
         self._workers[chunk[0]] = worker
-        if self._runs is not None:
-            self._runs.searched(results, reports)
-        return results, reports
+        yield from worker.search(chunk)
 
     def _holder(self, candidate: int) -> CandidateWorker:
         for worker in self._workers.values():
@@ -81,23 +88,42 @@ class CandidateActor:
                 return worker
         raise RuntimeError(f"this actor does not hold candidate {candidate}")
 
-    def train(self, winner: int) -> tuple[TrainOutcome, list[EpochReport]]:
+    def train(self, winner: int) -> Iterator[Event]:
         worker = self._holder(winner)
         self._workers = {0: worker}
-        reports: list[EpochReport] = []
-        outcome = worker.train(winner, reports.append)
-        if self._runs is not None:
-            self._runs.trained(winner, reports)
-        return outcome, reports
+        yield from worker.train(winner)
 
-    def quantize(self, winner: int) -> QuantizedTask:
-        return self._holder(winner).quantize()
+    def quantize(self, winner: int) -> Iterator[Event]:
+        yield from self._holder(winner).quantize()
+
+    def evaluate(
+        self, model: bytes, request: EvalRequest, tests: dict[int, Any] | None
+    ) -> Iterator[Event]:
+        """EVALUATE on this actor's device from ``model``, the packed model file's bytes
+        (loaded with all of its checks). Test splits come from the run's stream, or (for
+        streams without a worker copy) from ``tests``: object refs of each task's test split,
+        each put in the object store once."""
+        import ray
+
+        with tempfile.TemporaryDirectory(prefix="qpacknet-eval-") as tmp:
+            path = Path(tmp) / "model.qpk"
+            path.write_bytes(model)
+            store = PackedStore.load(path)
+
+        def test_split(j: int) -> Split:
+            if tests is not None:
+                return unpack_split(ray.get(tests[j]))
+            if self._stream is None:
+                raise RuntimeError("evaluate() needs the run's stream or the test splits")
+            return self._stream.test_split(j)
+
+        yield from evaluate_stage(
+            store, request, test_split, self.device, self.batch_size, self.where
+        )
 
     def end_task(self) -> None:
-        """Drop the task's state; wait for this actor's candidate runs to be logged."""
-        if self._runs is not None:
-            self._runs.close()
-        self._ctx, self._splits, self._workers, self._runs = None, None, {}, None
+        """Drop the task's state."""
+        self._ctx, self._splits, self._workers = None, None, {}
 
 
 FAULT_MARKER_ENV = "QPACKNET_TEST_DIE_ONCE"

@@ -1,18 +1,26 @@
 """Ray executor: the population is split into chunks, each trained by a candidate actor.
 
+By default the population is spread evenly over the actors (one actor per GPU, or an equal
+share of the CPUs), so N workers train N chunks at once; ``candidates_per_worker`` fixes the
+chunk size instead (chunks then queue for a free actor). Every actor method is a Ray streaming
+generator: the driver multiplexes them with ``ray.wait`` and passes each epoch event on the
+moment it arrives, so the run's log never waits for a stage to end.
+
 The stream's worker copy goes into the object store once per run and each actor builds a
 task's splits itself; streams without one have each task's tensors put in the object store once
-and the reference handed to every actor. Actors take chunks from a queue (a population larger
-than the cluster's slots simply waits for a free actor). An actor that dies is replaced and
-its chunk re-run: training is a pure function of (seed, task, candidate, committed store), so
-the re-run gives the same result. The winner's actor continues with TRAIN and QUANTIZE on the
-state it holds.
+and the reference handed to every actor. An actor that dies is replaced and its chunk re-run:
+training is a pure function of (seed, task, candidate, committed store), so the re-run gives
+the same result. The winner's actor continues with TRAIN and QUANTIZE on the state it holds.
+One actor (the first) is the run's evaluation worker: EVALUATE always runs there, so every
+reported accuracy comes from one device.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -20,11 +28,16 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from qpacknet.cluster.actor import CandidateActor
 from qpacknet.cluster.connect import connect
-from qpacknet.cluster.transfer import pack_splits
-from qpacknet.config import ExecutorConfig
-from qpacknet.executor import ChunkEpochCallback, Executor, chunks
+from qpacknet.cluster.placement import gpus_per_worker
+from qpacknet.cluster.transfer import pack_split, pack_splits
+from qpacknet.config import RunConfig
+from qpacknet.devices import DeviceError
+from qpacknet.evaluation import EvalRequest, Evaluation
+from qpacknet.events import EventCallback, StageDone
+from qpacknet.executor import Executor, chunks
 from qpacknet.scenarios.base import TaskStream
 from qpacknet.search import CandidateResult
+from qpacknet.store import PackedStore
 from qpacknet.worker import QuantizedTask, TaskContext, TrainOutcome
 
 log = logging.getLogger(__name__)
@@ -36,105 +49,127 @@ class RayExecutor(Executor):
 
     def __init__(
         self,
-        cfg: ExecutorConfig,
+        config: RunConfig,
         address: str | None = None,
-        population: int | None = None,
         owns_ray: bool = False,
+        start_actors: bool = True,
     ) -> None:
         """Connect to (or start) Ray; ``owns_ray`` says the caller started Ray for this run
         (see :func:`~qpacknet.cluster.connect.connect`) and it is shut down on close. With
-        ``population`` the candidate actors start now, so that their imports overlap the
+        ``start_actors`` the candidate actors start now, so that their imports overlap the
         driver's data loading instead of delaying task 1."""
-        self.cfg = cfg
+        self.config = config
+        self.cfg = config.executor
         self._started = connect(address) or owns_ray
         self._actors: list[Any] = []
+        self._info: dict[Any, dict[str, Any]] = {}
         self._ctx: TaskContext | None = None
+        self._stream: TaskStream | None = None
         self._stream_ref: Any = None
         self._data_ref: Any = None
+        self._test_refs: dict[int, Any] = {}
         self._holder: dict[int, Any] = {}
         self._chunk_of: dict[int, list[int]] = {}
         self._winner_actor: Any = None
         self._winner: int | None = None
+        self._evaluator: Any = None
+        self.evaluators: list[dict[str, Any]] = []
         self.restarts = 0
         self.actors_started = 0
-        self._planned = 1
         self.placements: dict[int, str] = {}
-        self._node_of: dict[Any, str] = {}
-        if population is not None:
-            self._ensure_actors(population)
+        self._gpus = gpus_per_worker(self.cfg.gpus_per_worker, config.device)
+        self._planned = self._slots(config.search.population)
+        if start_actors:
+            self._ensure_actors()
 
     @property
     def name(self) -> str:
         return "ray"
 
-    def _gpus(self) -> float:
-        if self.cfg.gpus_per_worker != "auto":
-            return float(self.cfg.gpus_per_worker)
-        return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-
-    def _slots(self, wanted: int) -> int:
+    def _slots(self, population: int) -> int:
+        """How many actors this population can use and the cluster fits."""
+        wanted = len(chunks(population, self.cfg.candidates_per_worker, population))
         if self.cfg.workers != "auto":
             return min(int(self.cfg.workers), wanted)
         res = ray.cluster_resources()
-        gpus = self._gpus()
-        if gpus > 0:
-            fit = int(res.get("GPU", 0) // gpus)
+        if self._gpus > 0:
+            fit = int(res.get("GPU", 0) // self._gpus)
+            if fit == 0:  # an autoscaling cluster that has no GPU node yet
+                fit = 1
         elif self.cfg.cpus_per_worker == "auto":
             fit = int(res.get("CPU", 1))
         else:
             fit = int(res.get("CPU", 1) // self.cfg.cpus_per_worker)
         return max(1, min(fit, wanted))
 
+    def chunk_plan(self, population: int) -> list[list[int]]:
+        return chunks(population, self.cfg.candidates_per_worker, self._planned)
+
     def _cpus(self) -> float:
         """CPUs per actor: as configured, or with ``"auto"`` one per actor on GPU clusters and
         an equal share of the cluster's CPUs otherwise (never more threads than cores)."""
         if self.cfg.cpus_per_worker != "auto":
             return float(self.cfg.cpus_per_worker)
-        if self._gpus() > 0:
+        if self._gpus > 0:
             return 1.0
         return float(max(1, int(ray.cluster_resources().get("CPU", 1)) // self._planned))
 
     def _new_actor(self) -> Any:
         """Start one actor (without waiting for it); it gets the run's stream if there is one."""
-        gpus = self._gpus()
         cpus = self._cpus()
         remote = ray.remote(CandidateActor).options(
-            num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0
+            num_cpus=cpus, num_gpus=self._gpus, max_restarts=0, max_task_retries=0
         )
         self.actors_started += 1
-        actor = remote.remote(max(1, int(cpus)))
+        actor = remote.remote(self.config, max(1, int(cpus)))
         if self._stream_ref is not None:
             actor.begin_run.remote(self._stream_ref)
         return actor
 
-    def _ensure_actors(self, population: int) -> None:
-        """As many actors as this population's chunks can use and the cluster fits."""
-        n_chunks = len(chunks(population, self.cfg.candidates_per_worker))
-        want = self._slots(n_chunks)
-        self._planned = max(want, len(self._actors))
-        while len(self._actors) < want:
+    def _ensure_actors(self) -> None:
+        while len(self._actors) < self._planned:
             self._actors.append(self._new_actor())
 
-    def begin_run(self, stream: TaskStream) -> None:
-        """Put the stream's worker copy in the object store once; actors then build each task
-        themselves and only the task context travels per task."""
-        shippable = stream.for_workers()
-        if shippable is None:
-            return
-        self._stream_ref = ray.put(shippable)
-        for actor in self._actors:
-            actor.begin_run.remote(self._stream_ref)
+    def _where(self, actor: Any) -> dict[str, Any]:
+        """What an actor reported about itself; a failed start (e.g. a GPU it cannot see)
+        stops the run with the actor's own message."""
+        if actor not in self._info:
+            try:
+                self._info[actor] = ray.get(actor.info.remote())
+            except _ACTOR_LOST as exc:
+                text = str(exc)
+                if "DeviceError" in text:
+                    detail = text[text.rfind("DeviceError") :].split("\n", 1)[0]
+                    raise DeviceError(f"a candidate actor could not start: {detail}") from None
+                raise RuntimeError(f"a candidate actor could not start: {text}") from exc
+        return self._info[actor]
 
-    def _node(self, actor: Any) -> str:
-        """The node id an actor runs on (asked once per actor)."""
-        if actor not in self._node_of:
-            self._node_of[actor] = ray.get(actor.info.remote())["node_id"]
-        return self._node_of[actor]
+    @property
+    def evaluator(self) -> dict[str, Any]:
+        return dict(self.evaluators[-1]) if self.evaluators else {}
+
+    def begin_run(self, stream: TaskStream, config: RunConfig) -> None:
+        """Put the stream's worker copy in the object store once; actors then build each task
+        themselves and only the task context travels per task. Waits for every actor to
+        report where it runs (and fails loudly if one cannot use its device)."""
+        self._ensure_actors()
+        self._stream = stream
+        shippable = stream.for_workers()
+        if shippable is not None:
+            self._stream_ref = ray.put(shippable)
+            for actor in self._actors:
+                actor.begin_run.remote(self._stream_ref)
+        for actor in self._actors:
+            self._where(actor)
+        self._set_evaluator(self._actors[0])
+
+    def _set_evaluator(self, actor: Any) -> None:
+        self._evaluator = actor
+        self.evaluators.append(self._where(actor))
 
     def begin_task(self, ctx: TaskContext, stream: TaskStream) -> None:
-        self._ensure_actors(ctx.config.search.population)
-        device = "cuda" if self._gpus() > 0 else "cpu"
-        self._ctx = dataclasses.replace(ctx, device=device)
+        self._ensure_actors()
+        self._ctx = ctx
         if self._stream_ref is None:
             self._data_ref = ray.put(pack_splits(*stream.fit_splits(ctx.task)))
         self._holder, self._chunk_of = {}, {}
@@ -152,13 +187,14 @@ class RayExecutor(Executor):
         fresh = self._new_actor()
         ray.get(fresh.begin_task.remote(self._ctx, self._data_ref))
         self._actors[idx] = fresh
+        if actor is self._evaluator:
+            self._set_evaluator(fresh)
         return fresh
 
-    def search(self, on_epoch: ChunkEpochCallback | None = None) -> list[CandidateResult]:
+    def search(self, on_event: EventCallback | None = None) -> list[CandidateResult]:
         if self._ctx is None:
             raise RuntimeError("begin_task() first")
-        cfg = self._ctx.config
-        todo = chunks(cfg.search.population, cfg.executor.candidates_per_worker)
+        todo = self.chunk_plan(self._ctx.config.search.population)
         tries = {c[0]: 0 for c in todo}
         idle = list(self._actors)
         running: dict[Any, tuple[Any, list[int]]] = {}
@@ -167,11 +203,17 @@ class RayExecutor(Executor):
             while todo and idle:
                 actor, chunk = idle.pop(0), todo.pop(0)
                 running[actor.search.remote(chunk)] = (actor, chunk)
-            done, _ = ray.wait(list(running), num_returns=1)
-            actor, chunk = running.pop(done[0])
+            ready, _ = ray.wait(list(running), num_returns=1)
+            stream = ready[0]
+            actor, chunk = running[stream]
             try:
-                chunk_results, reports = ray.get(done[0])
+                event = ray.get(next(stream))
+            except StopIteration:
+                del running[stream]
+                idle.append(actor)
+                continue
             except _ACTOR_LOST as exc:
+                del running[stream]
                 tries[chunk[0]] += 1
                 if tries[chunk[0]] > self.cfg.max_retries:
                     raise RuntimeError(
@@ -186,15 +228,14 @@ class RayExecutor(Executor):
                 idle.append(self._replace(actor))
                 todo.insert(0, chunk)
                 continue
-            for rep in reports:
-                if on_epoch is not None:
-                    on_epoch(chunk, rep)
-            for r in chunk_results:
-                self._holder[r.index] = actor
-                self._chunk_of[r.index] = chunk
-                self.placements[r.index] = self._node(actor)
-            results.extend(chunk_results)
-            idle.append(actor)
+            if on_event is not None:
+                on_event(event)
+            if isinstance(event, StageDone):
+                for r in event.result:
+                    self._holder[r.index] = actor
+                    self._chunk_of[r.index] = chunk
+                    self.placements[r.index] = event.worker.get("node_id") or ""
+                results.extend(event.result)
         return sorted(results, key=lambda r: r.index)
 
     def _forget(self, actor: Any) -> None:
@@ -203,10 +244,11 @@ class RayExecutor(Executor):
             del self._holder[held]
 
     def _rerun_chunk(self, candidate: int) -> Any:
-        """Re-train the chunk holding ``candidate`` on a fresh actor; same seeds, same result."""
+        """Re-train the chunk holding ``candidate`` on a fresh actor; same seeds, same result
+        (its events are not passed on again: the driver already has them)."""
         chunk = self._chunk_of[candidate]
         actor = self._new_spare()
-        ray.get(actor.search.remote(chunk))
+        _stream_result(actor.search.remote(chunk), None)
         for c in chunk:
             self._holder[c] = actor
         return actor
@@ -217,13 +259,13 @@ class RayExecutor(Executor):
         self._actors.append(actor)
         return actor
 
-    def train(self, winner: int, on_epoch: ChunkEpochCallback | None = None) -> TrainOutcome:
+    def train(self, winner: int, on_event: EventCallback | None = None) -> TrainOutcome:
         if winner not in self._chunk_of:
             raise RuntimeError(f"candidate {winner} was never searched")
         for attempt in range(self.cfg.max_retries + 1):
             actor = self._holder.get(winner) or self._rerun_chunk(winner)
             try:
-                outcome, reports = ray.get(actor.train.remote(winner))
+                outcome = _stream_result(actor.train.remote(winner), on_event)
                 break
             except _ACTOR_LOST:
                 if attempt == self.cfg.max_retries:
@@ -231,23 +273,49 @@ class RayExecutor(Executor):
                 log.warning("the actor holding winner %d died; re-training its chunk", winner)
                 self._forget(actor)
                 self._actors.remove(actor)
-        for rep in reports:
-            if on_epoch is not None:
-                on_epoch([winner], rep)
         self._winner_actor, self._winner = actor, winner
         return outcome
 
-    def quantize(self) -> QuantizedTask:
+    def quantize(self, on_event: EventCallback | None = None) -> QuantizedTask:
         if self._winner_actor is None or self._winner is None:
             raise RuntimeError("train() first")
         try:
-            return ray.get(self._winner_actor.quantize.remote(self._winner))
+            return _stream_result(self._winner_actor.quantize.remote(self._winner), on_event)
         except _ACTOR_LOST:
             log.warning("the winner's actor died before QUANTIZE; re-training it")
             self._forget(self._winner_actor)
             self._actors.remove(self._winner_actor)
             self.train(self._winner)
-            return ray.get(self._winner_actor.quantize.remote(self._winner))
+            return _stream_result(self._winner_actor.quantize.remote(self._winner), on_event)
+
+    def evaluate(
+        self, store: PackedStore, request: EvalRequest, on_event: EventCallback | None = None
+    ) -> Evaluation:
+        """EVALUATE on the evaluation actor, from the packed model file (the compact form the
+        driver just saved, checked again on load); streams without a worker copy have each
+        task's test split put in the object store once."""
+        with tempfile.TemporaryDirectory(prefix="qpacknet-eval-") as tmp:
+            path = Path(tmp) / "model.qpk"
+            store.save(path)
+            model_ref = ray.put(path.read_bytes())
+        tests = None
+        if self._stream_ref is None:
+            if self._stream is None:
+                raise RuntimeError("begin_run() first")
+            needed = {j for _, j in request.pairs} | set(range(request.task + 1))
+            for j in sorted(needed - set(self._test_refs)):
+                self._test_refs[j] = ray.put(pack_split(self._stream.test_split(j)))
+            tests = {j: self._test_refs[j] for j in needed}
+        for _ in range(self.cfg.max_retries + 1):
+            try:
+                return _stream_result(
+                    self._evaluator.evaluate.remote(model_ref, request, tests), on_event
+                )
+            except _ACTOR_LOST:
+                log.warning("the evaluation actor died; evaluating on a new actor")
+                self._forget(self._evaluator)
+                self._replace(self._evaluator)
+        raise RuntimeError(f"EVALUATE of task {request.task}: every evaluation actor died")
 
     def end_task(self) -> None:
         ray.get([a.end_task.remote() for a in self._actors])
@@ -263,3 +331,18 @@ class RayExecutor(Executor):
         if self._started:
             self._started = False
             ray.shutdown()
+
+
+def _stream_result(stream: Any, on_event: Callable[[Any], None] | None) -> Any:
+    """Drain one actor stage's streaming generator, passing each event on as it arrives;
+    the result of its final :class:`StageDone`."""
+    done: StageDone | None = None
+    for ref in stream:
+        event = ray.get(ref)
+        if on_event is not None:
+            on_event(event)
+        if isinstance(event, StageDone):
+            done = event
+    if done is None:
+        raise RuntimeError("a worker stage ended without reporting its result")
+    return done.result

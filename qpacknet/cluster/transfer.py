@@ -22,12 +22,25 @@ _SPLITS = ("train", "val")
 
 def pack_splits(train: Split, val: Split) -> dict[str, Any]:
     """A task's train and validation splits as plain numpy arrays (CPU); the test split
-    stays with the driver, which alone evaluates the packed model."""
+    travels separately (:func:`pack_split`), once, to the evaluation actor."""
     out: dict[str, Any] = {}
     for name, part in zip(_SPLITS, (train, val), strict=True):
         out[f"{name}.x"] = part.x.detach().cpu().numpy()
         out[f"{name}.y"] = part.y.detach().cpu().numpy()
     return out
+
+
+def pack_split(split: Split) -> dict[str, Any]:
+    """One split (a task's test split for the evaluation actor) as numpy arrays."""
+    return {"x": split.x.detach().cpu().numpy(), "y": split.y.detach().cpu().numpy()}
+
+
+def unpack_split(packed: dict[str, Any]) -> Split:
+    """A :func:`pack_split` split back, copied out of the read-only object-store memory."""
+    return Split(
+        torch.from_numpy(np.array(packed["x"], copy=True)),
+        torch.from_numpy(np.array(packed["y"], copy=True)),
+    )
 
 
 def unpack_splits(packed: dict[str, Any]) -> tuple[Split, Split]:

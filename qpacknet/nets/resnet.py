@@ -86,5 +86,14 @@ class PopulationResNet18(ConvPopulationNet):
             if project:
                 x = self.norm(self.conv(x, f"{name}.shortcut", stride, 0), f"{name}.shortcut_bn")
             x = torch.relu(out + x)
-        x = F.adaptive_avg_pool2d(x, self.pool)
-        return self.head(self.flatten(x))
+        return self.head(self.flatten(_average_pool(x, self.pool)))
+
+
+def _average_pool(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Adaptive average pooling to ``size``×``size`` as a plain average pool when the map
+    divides evenly: CUDA's adaptive-pool backward has no deterministic kernel and raises
+    under ``torch.use_deterministic_algorithms`` (:func:`qpacknet.devices.configure`)."""
+    h, w = x.shape[-2:]
+    if h % size == 0 and w % size == 0:
+        return F.avg_pool2d(x, (h // size, w // size))
+    return F.adaptive_avg_pool2d(x, size)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qpacknet.errors import StoreError
+from qpacknet.store.digest import TaskParts
 
 if TYPE_CHECKING:
     from qpacknet.store.capacity import CapacityReport
@@ -432,6 +433,25 @@ class PackedStore:
     def task_state(self, task: int) -> dict[str, torch.Tensor]:
         """Task ``task``'s unpacked tensors (head, normalisation state), as copies."""
         return {k: v.clone() for k, v in self._task(task).state.items()}
+
+    def parts(self, task: int) -> TaskParts:
+        """What the store holds for ``task``, with its codes read back from the words.
+
+        DESIGN.md §2 COMMIT: the driver checks a commit bit for bit by comparing
+        ``parts(t).digest()`` with the worker's digest of what it quantised; reading the codes
+        from the words (not a side copy) makes a packing bug or damaged words show. Masks,
+        codebooks and task state are copies of the task's records; ``shared`` is None for a task
+        that shares nothing.
+        """
+        record = self._task(task)
+        return TaskParts(
+            bit_width=record.bit_width,
+            masks=self.mask(task),
+            codes=self.codes(task),
+            codebooks=self.codebooks(task),
+            task_state=self.task_state(task),
+            shared=None if record.shared is None else self.shared(task),
+        )
 
     def density(self, task: int) -> dict[str, float]:
         """Fraction ``d_tl`` of each layer's weights that task ``task`` owns (eq. 10's 1-Υ_l)."""

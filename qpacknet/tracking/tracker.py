@@ -1,8 +1,8 @@
 """The driver's side of MLflow tracking: one parent run per scenario run, one child run per task,
 artifacts and plots, and a registered pyfunc model version after every committed task.
 
-Candidate runs (grand-children) are logged by the workers that train the candidates, from the
-:class:`~qpacknet.tracking.spec.CandidateTracking` this tracker hands out per task. Everything
+Candidate runs (grand-children) are logged here too, from the events the workers stream to the
+driver (:class:`~qpacknet.tracking.candidates.CandidateRuns`): no worker writes MLflow. Everything
 goes through :class:`~qpacknet.tracking.client.SafeTracking`: a failing server costs a warning,
 and the run's files in the output directory are complete either way. The logging of a
 committed task runs on a background thread while the next task trains.
@@ -24,11 +24,12 @@ from typing import Any
 
 from qpacknet import __version__
 from qpacknet.config import RunConfig, TrackingConfig, flatten
+from qpacknet.events import Event
 from qpacknet.fileio import atomic_write_json
 from qpacknet.layout import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, RESULTS_FILE
 from qpacknet.observers import RunObserver, RunStarted, TaskCommitted
+from qpacknet.tracking.candidates import CandidateRuns
 from qpacknet.tracking.client import Background, SafeTracking
-from qpacknet.tracking.spec import CandidateTracking
 
 log = logging.getLogger("qpacknet.tracking")
 STATE_FILE = "mlflow.json"
@@ -95,6 +96,7 @@ class MlflowTracker(RunObserver):
         self.model_name = ""
         self._input_shape: tuple[int, ...] = ()
         self._closed: set[int] = set()
+        self._candidates: CandidateRuns | None = None
 
     # ---------------------------------------------------------------- run level
     def _prepare(self) -> str | None:
@@ -213,9 +215,10 @@ class MlflowTracker(RunObserver):
         self._save_state()
 
     # --------------------------------------------------------------- task level
-    def task_started(self, task: int) -> CandidateTracking | None:
+    def task_started(self, task: int) -> None:
+        self._candidates = None
         if self.run_id is None or self.experiment_id is None or self.safe.broken:
-            return None
+            return
         run = self.safe.call(
             "creating a task run",
             self.safe.client.create_run,
@@ -224,18 +227,17 @@ class MlflowTracker(RunObserver):
             tags={"mlflow.parentRunId": self.run_id, "qpacknet.task": str(task)},
         )
         if run is None:
-            return None
+            return
         self.task_runs[task] = run.info.run_id
-        if not self.cfg.log_candidates:
-            return None
-        return CandidateTracking(
-            uri=self.uri,
-            experiment_id=self.experiment_id,
-            task_run_id=run.info.run_id,
-            task=task,
-            http_timeout_s=self.cfg.http_timeout_s,
-            http_retries=self.cfg.http_retries,
-        )
+        if self.cfg.log_candidates:
+            self._candidates = CandidateRuns(
+                self.safe, self._bg, self.experiment_id, run.info.run_id, task
+            )
+
+    def worker_event(self, event: Event) -> None:
+        """Candidate runs from the workers' events (see :mod:`~qpacknet.tracking.candidates`)."""
+        if self._candidates is not None:
+            self._candidates.on_event(event)
 
     def task_committed(self, event: TaskCommitted) -> None:
         run_id = self.task_runs.get(event.task)

@@ -1,0 +1,68 @@
+"""The EVALUATE stage: the accuracy-matrix row and the task-inference pairs of a committed
+task, computed from the packed store where the candidates train (DESIGN.md §4: heavy work runs
+on the workers; the driver only records).
+
+The same generator runs in-process (local executor) and inside the run's designated evaluation
+actor (Ray executor); one device per run computes every reported accuracy, so that no figure
+in a row mixes devices.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qpacknet.events import Event, StageDone
+from qpacknet.metrics import pair_stats
+from qpacknet.model import PackedModel
+from qpacknet.scenarios.base import Split
+from qpacknet.store import PackedStore
+from qpacknet.worker import perturbed
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """Evaluate after task ``task`` was committed: test accuracy of tasks ``0..task`` (the
+    row R[task]) and the missing task-inference ``pairs`` (sub-network i, test task j)."""
+
+    task: int
+    pairs: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What EVALUATE reports: the row, and per pair the entropies and correctness flags."""
+
+    task: int
+    row: list[float]
+    pairs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def evaluate_stage(
+    store: PackedStore,
+    request: EvalRequest,
+    test_split: Callable[[int], Split],
+    device: str,
+    batch_size: int,
+    where: dict[str, Any],
+) -> Iterator[Event]:
+    """Re-evaluate every committed task from the packed words (never copied from an earlier
+    row, DESIGN.md §2 Metrics) and the requested pairs; each test split is built once."""
+    started = time.time()
+    model = PackedModel(store, device, batch_size)
+    needed = sorted({j for _, j in request.pairs} | set(range(request.task + 1)))
+    row: list[float] = []
+    pairs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for j in needed:
+        split = test_split(j).to(device)
+        if j <= request.task:
+            row.append(perturbed(model.accuracy(j, split)))
+        for i, jj in request.pairs:
+            if jj == j:
+                pairs[(i, j)] = pair_stats(model.logits(i, split.x), split.y)
+    result = Evaluation(request.task, row, pairs)
+    yield StageDone("evaluate", request.task, (), result, started, time.time(), where)
