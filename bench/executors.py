@@ -4,9 +4,15 @@ Each repeat runs ``qpacknet run --preset P --executor ray`` and ``--executor loc
 separate processes (their order alternates between repeats so that drift in a shared
 machine's load hits both), times the whole command (Ray start and shutdown included), and
 reads the per-stage seconds from results.json. Prints the runs, the medians and the ratio
-ray / local, and checks that both executors wrote the same model bytes.
+ray / local, the Ray runs' event latency (an epoch's end on an actor to its line in the
+driver's log), and whether both executors wrote the same model bytes.
 
-    python bench/executors.py --data-dir ../shared/data --repeats 3
+By default Ray spreads the population over its actors (2 on a 2-core machine) while the local
+executor trains one chunk; a population's float rounding depends on its size, so pass
+``--set executor.workers=2`` to make both executors train the same chunks (the local one
+then trains them one after the other) and compare the same computation byte for byte.
+
+    python bench/executors.py --data-dir ../shared/data --repeats 3 --set executor.workers=2
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ from qpacknet.pipeline import hardware
 KINDS = ("ray", "local")
 
 
-def run_once(kind: str, preset: str, data_dir: str | None, out: Path) -> dict:
+def run_once(kind: str, preset: str, data_dir: str | None, out: Path, overrides: list[str]) -> dict:
     cmd = [sys.executable, "-m", "qpacknet", "run", "--preset", preset, "--quiet"]
     cmd += ["--executor", kind, "--out", str(out), "--no-tracking"]
+    for item in overrides:
+        cmd += ["--set", item]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     start = time.perf_counter()
@@ -43,6 +51,9 @@ def run_once(kind: str, preset: str, data_dir: str | None, out: Path) -> dict:
         "pipeline_seconds": res["seconds_total"],
         "stages": res["seconds_by_stage"],
         "acc": res["acc"],
+        "chunks": res["chunks"],
+        "workers": len(res["workers"]),
+        "event_latency_s": res["event_latency_s"],
         "model": (out / "model.safetensors").read_bytes(),
     }
 
@@ -71,6 +82,17 @@ def summarize(runs: list[dict]) -> dict:
     print(f"{'outside search+train':20s} {fixed['ray']:8.1f} {fixed['local']:8.1f}")
     print("ray/local per repeat: " + " ".join(f"{p:.3f}" for p in pairs))
     print(f"median of the per-repeat ratios: {statistics.median(pairs):.3f}")
+    lat = [r["event_latency_s"] for r in by["ray"] if r.get("event_latency_s", {}).get("median")]
+    if lat:
+        print(
+            "ray epoch event -> driver log, ms: median "
+            + " ".join(f"{1000 * x['median']:.1f}" for x in lat)
+            + "; p90 "
+            + " ".join(f"{1000 * x['p90']:.1f}" for x in lat)
+            + "; max "
+            + " ".join(f"{1000 * x['max']:.1f}" for x in lat)
+        )
+    print("chunks: " + "; ".join(f"{k} {by[k][0].get('chunks')}" for k in KINDS))
     return {
         "median_wall_seconds": med,
         "ratio_ray_over_local": med["ray"] / med["local"],
@@ -87,6 +109,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default="bench/out/executors.json")
     ap.add_argument("--summarize", help="only print the summary of a saved JSON")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     if args.summarize:
         summarize(json.loads(Path(args.summarize).read_text())["runs"])
@@ -97,7 +120,9 @@ def main() -> None:
         for rep in range(args.repeats):
             order = KINDS if rep % 2 == 0 else KINDS[::-1]
             for kind in order:
-                r = run_once(kind, args.preset, args.data_dir, Path(tmp) / f"{kind}-{rep}")
+                r = run_once(
+                    kind, args.preset, args.data_dir, Path(tmp) / f"{kind}-{rep}", args.overrides
+                )
                 runs.append(r)
                 stages = " ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
                 print(
@@ -114,6 +139,7 @@ def main() -> None:
         json.dumps(
             {
                 "preset": args.preset,
+                "overrides": args.overrides,
                 "runs": runs,
                 **summary,
                 "same_model_bytes": same,

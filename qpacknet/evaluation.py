@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from qpacknet.events import Event, StageDone
+from qpacknet.events import Event, StageDone, StepDone
 from qpacknet.metrics import pair_stats
 from qpacknet.model import PackedModel
 from qpacknet.scenarios.base import Split
@@ -61,8 +61,11 @@ def evaluate_stage(
         split = test_split(j).to(device)
         if j <= request.task:
             row.append(perturbed(model.accuracy(j, split)))
+            yield StepDone(
+                "evaluate", request.task, f"task {j + 1}, test acc", row[-1], time.time(), where
+            )
         for i, jj in request.pairs:
             if jj == j:
-                pairs[(i, j)] = pair_stats(model.logits(i, split.x), split.y)
+                pairs[(i, j)] = pair_stats(model.split_logits(i, split), split.y)
     result = Evaluation(request.task, row, pairs)
     yield StageDone("evaluate", request.task, (), result, started, time.time(), where)

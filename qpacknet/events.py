@@ -1,8 +1,9 @@
 """What workers report to the driver, as plain data (DESIGN.md §4: events flow worker → driver
 → printer and MLflow, never back into the method).
 
-A worker stage is a generator: it yields an :class:`EpochEnded` the moment each epoch ends and
-finishes with one :class:`StageDone` that carries the stage's result. The local executor
+A worker stage is a generator: it yields an :class:`EpochEnded` the moment each epoch ends (a
+:class:`StepDone` per bit width or evaluated task in the stages without epochs) and finishes
+with one :class:`StageDone` that carries the stage's result. The local executor
 iterates it in-process; the Ray executor runs the same generator inside an actor as a Ray
 streaming generator, so every event reaches the driver while the stage is still running. The
 driver is the only consumer: it prints progress and it alone writes MLflow.
@@ -32,6 +33,19 @@ class EpochEnded:
 
 
 @dataclass(frozen=True)
+class StepDone:
+    """A step inside a stage that has no epochs: QUANTIZE tried one bit width, EVALUATE
+    measured one task. ``what`` says which (e.g. ``"4 bits"``), ``value`` the accuracy (%)."""
+
+    stage: str
+    task: int
+    what: str
+    value: float
+    ended_at: float
+    worker: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class StageDone:
     """A stage finished on ``worker``; ``result`` is what the executor returns for it
     (a chunk's ``list[CandidateResult]``, a ``TrainOutcome``, a ``QuantizedTask`` or an
@@ -46,7 +60,7 @@ class StageDone:
     worker: dict[str, Any]
 
 
-Event = EpochEnded | StageDone
+Event = EpochEnded | StepDone | StageDone
 EventCallback = Callable[[Event], None]
 
 

@@ -62,8 +62,20 @@ class PackedModel:
 
     @torch.no_grad()
     def logits(self, task: int, x: torch.Tensor) -> torch.Tensor:
-        """Task ``task``'s logits ``[N, C]`` for inputs ``x``."""
+        """Task ``task``'s logits ``[N, C]`` for inputs ``x`` (float, as the network takes
+        them: images standardised with the task's ``standardisation``)."""
+        if x.dtype == torch.uint8:
+            raise TypeError(
+                "uint8 images: standardise them first, or pass a Split with its mean and std "
+                "to split_logits()"
+            )
         return logits_of(self.net(task), x.to(self.device), self.batch_size)[0]
+
+    @torch.no_grad()
+    def split_logits(self, task: int, split: Split) -> torch.Tensor:
+        """Task ``task``'s logits ``[N, C]`` on ``split``'s inputs (compact uint8 splits are
+        standardised chunk by chunk, with the same result as :meth:`logits` on floats)."""
+        return logits_of(self.net(task), split.to(self.device), self.batch_size)[0]
 
     @torch.no_grad()
     def predict(self, task: int, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from qpacknet.config import RunConfig
 from qpacknet.devices import resolve_device
 from qpacknet.errors import CommitRefused, DataError, ModelFileError, UsageError
 from qpacknet.evaluation import EvalRequest
-from qpacknet.events import EpochEnded, Event, EventCallback, StageDone, worker_key
+from qpacknet.events import EpochEnded, Event, EventCallback, StageDone, StepDone, worker_key
 from qpacknet.executor import Executor
 from qpacknet.fileio import atomic_write_json, atomic_write_text
 from qpacknet.layout import CONFIG_FILE, MODEL_FILE, RESULTS_FILE
@@ -278,6 +278,8 @@ class Pipeline:
                         "ended_at": event.ended_at,
                     }
                 )
+        elif isinstance(event, StepDone):
+            self.progress.step(t, event.stage, event.what, event.value)
         elif isinstance(event, StageDone):
             if event.stage == "search":
                 self._log.stages.setdefault("search", []).append(key)

@@ -59,6 +59,11 @@ class Progress:
             f"lr {rep.lr:.5f} loss {loss:.4f} {acc} ({rep.train_seconds + rep.eval_seconds:.1f}s)"
         )
 
+    def step(self, task: int, stage: str, what: str, value: float) -> None:
+        """A step of QUANTIZE (one bit width) or EVALUATE (one task), as a worker reports it."""
+        if self.verbose:
+            self.line(f"task {task + 1} {stage.upper()} {what} {value:.2f}")
+
     def candidate(self, task: int, result: CandidateResult, score: float, winner: bool) -> None:
         mark = "  <- winner" if winner else ""
         shared = f" shares {result.shared:.3f}" if result.shared else ""

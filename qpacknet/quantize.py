@@ -8,7 +8,7 @@ tensor's device and needs no scikit-learn call per layer and bit-width.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +98,26 @@ def search_bit_width(
 
     ``evaluate`` maps dense quantised weights (0 off-mask) to validation accuracy (%).
     """
+    steps = bit_width_steps(weights, masks, evaluate, float_acc, psi_min, b_max, delta, iters)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def bit_width_steps(
+    weights: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    evaluate: Callable[[dict[str, torch.Tensor]], float],
+    float_acc: float,
+    psi_min: int,
+    b_max: int,
+    delta: float,
+    iters: int = 50,
+) -> Generator[tuple[int, float], None, QuantResult]:
+    """:func:`search_bit_width` yielding ``(ψ, validation accuracy)`` as each width is tried,
+    so that a worker can report progress while QUANTIZE runs."""
     tried: list[tuple[int, float]] = []
     last: tuple[int, float, dict[str, Codebook]] | None = None
     for psi in range(psi_min, b_max + 1):
@@ -105,6 +125,7 @@ def search_bit_width(
         acc = evaluate(dequantize(books, masks, weights))
         tried.append((psi, acc))
         last = (psi, acc, books)
+        yield psi, acc
         if acc >= float_acc - delta:
             return QuantResult(psi, float_acc, acc, True, tried, books)
     assert last is not None

@@ -63,7 +63,7 @@ def evaluate(net: PopulationNet, split: Split, batch_size: int) -> list[float]:
     net.eval()
     correct = torch.zeros(net.k, dtype=torch.long, device=split.y.device)
     for i in range(0, len(split), batch_size):
-        logits = net(split.x[i : i + batch_size])
+        logits = net(split.inputs(slice(i, i + batch_size)))
         correct += (logits.argmax(-1) == split.y[i : i + batch_size]).sum(dim=1)
     net.train(was_training)
     n = max(len(split), 1)
@@ -71,11 +71,13 @@ def evaluate(net: PopulationNet, split: Split, batch_size: int) -> list[float]:
 
 
 @torch.no_grad()
-def logits_of(net: PopulationNet, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Logits ``[K, N, C]`` in evaluation mode with a fixed chunking (bit-reproducible)."""
+def logits_of(net: PopulationNet, x: torch.Tensor | Split, batch_size: int) -> torch.Tensor:
+    """Logits ``[K, N, C]`` in evaluation mode with a fixed chunking (bit-reproducible), of
+    network inputs ``x`` or of a split's inputs (standardised per chunk when compact)."""
     was_training = net.training
     net.eval()
-    out = torch.cat([net(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)], 1)
+    chunks = [slice(i, i + batch_size) for i in range(0, len(x), batch_size)]
+    out = torch.cat([net(x.inputs(c) if isinstance(x, Split) else x[c]) for c in chunks], 1)
     net.train(was_training)
     return out
 
@@ -163,7 +165,7 @@ def fit_epochs(
         steps = 0
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            logits = net(train.x[idx])
+            logits = net(train.inputs(idx))
             loss, per_cand = population_loss(logits, train.y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -22,9 +22,9 @@ import torch
 
 from qpacknet.config import RunConfig
 from qpacknet.errors import IllegalTransition
-from qpacknet.events import EpochEnded, Event, StageDone
+from qpacknet.events import EpochEnded, Event, StageDone, StepDone
 from qpacknet.nets import PopulationNet, build
-from qpacknet.quantize import QuantResult, search_bit_width
+from qpacknet.quantize import QuantResult, bit_width_steps
 from qpacknet.scenarios.base import Split
 from qpacknet.search import CandidateResult, draw_mask, draw_shared, weighted_sparsity
 from qpacknet.store.digest import task_digest
@@ -259,9 +259,23 @@ class CandidateWorker:
             return evaluate(probe, self.val_split, self.cfg.train.eval_batch_size)[0]
 
         q = self.cfg.quantize
-        res: QuantResult = search_bit_width(
+        steps = bit_width_steps(
             weights, masks, accuracy, self.float_acc, q.psi_min, q.b_max, q.delta, q.kmeans_iters
         )
+        while True:
+            try:
+                bits, acc = next(steps)
+            except StopIteration as stop:
+                res: QuantResult = stop.value
+                break
+            yield StepDone(
+                "quantize",
+                self.ctx.task,
+                f"{bits}-bit codebooks, val acc",
+                perturbed(acc),
+                time.time(),
+                self.where,
+            )
         result = QuantizedTask(
             candidate=self.single_candidate,
             bit_width=res.bits,

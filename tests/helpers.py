@@ -90,6 +90,7 @@ def search_results(
     executor: what must not depend on how candidates are chunked."""
     ex = LocalExecutor()
     ctx = TaskContext(cfg, 0, stream.input_shape, stream.num_classes, available)
+    ex.begin_run(stream, cfg)
     ex.begin_task(ctx, stream)
     return [(r.index, r.acc, r.sparsity) for r in ex.search()]
 
@@ -139,6 +140,6 @@ def learn_one_more_task(
     after = PackedModel.load(out / MODEL_FILE)
     assert after.num_tasks == before.num_tasks + 1
     for j in range(before.num_tasks):
-        x = stream.test_split(j).x
-        assert torch.equal(after.logits(j, x), before.logits(j, x)), f"task {j} changed"
+        split = stream.test_split(j)
+        assert torch.equal(after.split_logits(j, split), before.split_logits(j, split)), j
     return after

@@ -5,6 +5,8 @@ through the config, checks with clear errors, and the whole path from ``qpacknet
 from __future__ import annotations
 
 import json
+import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -74,8 +76,11 @@ def test_both_layouts_labels_and_deterministic_splits(tmp_path: Path) -> None:
     assert (len(a.train), len(a.val), len(a.test)) == (12, 2, 6)
     assert a.train.y.tolist() == [0] * 6 + [1] * 6 and a.val.y.tolist() == [1, 1]
     assert a.test.y.tolist() == [0, 0, 0, 1, 1, 1] and a.name == "folders-a"
-    assert a.train.x.dtype == torch.float32 and a.train.x.shape[1:] == (3, 8, 8)
-    assert a.train.x.mean(dim=(0, 2, 3)).abs().max() < 1e-4, "standardised per channel"
+    assert a.train.x.dtype == torch.uint8 and a.train.x.shape[1:] == (3, 8, 8)
+    assert a.train.mean is not None and a.train.mean.shape == (3,), "uint8 with its statistics"
+    inputs = a.train.inputs()
+    assert inputs.dtype == torch.float32 and inputs.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert torch.equal(a.test.mean, a.train.mean) and torch.equal(a.val.std, a.train.std)
     b = stream.task(1)
     assert (len(b.train), len(b.val), len(b.test)) == (24, 3, 3)
     assert sorted(set(b.train.y.tolist())) == [0, 1, 2] and b.num_classes == 3
@@ -86,12 +91,37 @@ def test_both_layouts_labels_and_deterministic_splits(tmp_path: Path) -> None:
         for split in ("train", "val", "test"):
             assert torch.equal(getattr(after, split).x, getattr(before, split).x)
             assert torch.equal(getattr(after, split).y, getattr(before, split).y)
+            assert torch.equal(getattr(after, split).mean, getattr(before, split).mean)
     assert torch.equal(stream.test_split(0).x, a.test.x), "old tasks' test splits are cached"
     mean, std = stream.standardisation(1)
     assert mean.shape == std.shape == (3,) and float(mean.max()) < 1.0
 
     limited = _stream(tmp_path, 2, "scenario.train_limit=10").task(1)
     assert len(limited.train) == 10
+
+
+def test_worker_copy_rebuilds_every_split_without_the_files(tmp_path: Path) -> None:
+    """The copy an actor unpickles carries every task's decoded uint8 images, so it builds the
+    driver's splits bit for bit with no access to the folders."""
+    data = tmp_path / "tasks"
+    _write_flat_task(data, "t0", ["a", "b", "c"], 6)
+    for label, cls in enumerate(["a", "b"]):
+        _write_class(data / "t1" / "train" / cls, label, 5, task=1)
+        _write_class(data / "t1" / "test" / cls, label, 2, task=1, jpeg=True)
+    stream = _stream(data, 2, "scenario.train_limit=10")
+    stream.task(0)  # a driver cache that must not travel
+    shipped = pickle.dumps(stream.for_workers())
+    expected = [stream.task(t) for t in range(2)]
+    shutil.rmtree(data)
+    copy = pickle.loads(shipped)
+    assert copy._cache == {} and copy.device == torch.device("cpu")
+    for t, task in enumerate(expected):
+        train, val = copy.fit_splits(t)
+        for got, want in ((train, task.train), (val, task.val), (copy.test_split(t), task.test)):
+            assert got.x.dtype == torch.uint8
+            assert torch.equal(got.x, want.x) and torch.equal(got.y, want.y)
+            assert torch.equal(got.mean, want.mean) and torch.equal(got.std, want.std)
+    assert len(copy.fit_splits(0)[0]) == 10
 
 
 def test_missing_root_or_too_few_task_folders(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """Image task streams (DESIGN.md §3) on tiny files in each data set's official on-disk format.
 
-Every image's pixel values encode its class, so un-standardising a split's inputs tells which
-original class each row came from: that checks class-to-task assignment and relabelling
-through the real read path (pickles, idx, .mat, PNG and JPEG folders) without any download.
+Every image's pixel values encode its class, so a split's uint8 pixels tell which original
+class each row came from: that checks class-to-task assignment and relabelling through the
+real read path (pickles, idx, .mat, PNG and JPEG folders) without any download. Splits are
+uint8 with the task's mean and std; the worker copy of every stream rebuilds them bit for bit.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import gzip
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +61,11 @@ def _image(path: Path, value: int, size: tuple[int, int], mode: str = "RGB") -> 
 
 
 def _pixels(stream: ImageStream, index: int, split: Split) -> torch.Tensor:
-    """The split's inputs back in pixel units 0..255."""
+    """The split's images in pixel units 0..255, checked to carry the task's statistics."""
     mean, std = stream.standardisation(index)
-    return (split.x * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)) * 255.0
+    assert split.mean is not None and split.std is not None
+    assert torch.allclose(split.mean / 255.0, mean) and torch.allclose(split.std / 255.0, std)
+    return split.x.to(torch.float32)
 
 
 def _decoded_class(
@@ -77,8 +81,13 @@ def _missing(msg: str, name: str) -> bool:
 
 
 def _check_split(split: Split, shape: tuple[int, ...], classes: int) -> None:
-    assert split.x.dtype == torch.float32 and split.y.dtype == torch.int64
+    assert split.x.dtype == torch.uint8 and split.y.dtype == torch.int64 and split.compact
     assert tuple(split.x.shape[1:]) == shape
+    mean, std = split.mean, split.std
+    assert mean is not None and std is not None
+    # the network input is what standardising the whole split used to give, bit for bit
+    old = (split.x.to(torch.float32) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    assert split.inputs().dtype == torch.float32 and torch.equal(split.inputs(), old)
     assert len(split) > 0 and int(split.y.min()) >= 0 and int(split.y.max()) < classes
 
 
@@ -130,7 +139,7 @@ def test_split_cifar100_assigns_ascending_classes(tmp_path: Path) -> None:
             assert torch.allclose(blue, 255.0 - (split.y + 10 * t), atol=1e-3)
         assert (len(task.train), len(task.val), len(task.test)) == (20, 10, 10)
         assert sorted(task.test.y.tolist()) == list(range(10))
-        per_channel = task.train.x.transpose(0, 1).reshape(3, -1)
+        per_channel = task.train.inputs().transpose(0, 1).reshape(3, -1)
         assert torch.allclose(per_channel.mean(dim=1), torch.zeros(3), atol=1e-4)
         assert torch.allclose(per_channel.std(dim=1, unbiased=False), torch.ones(3), atol=1e-4)
 
@@ -144,15 +153,9 @@ def test_split_cifar100_validation_split_is_seeded(tmp_path: Path) -> None:
     assert not torch.equal(rows_a[1], other.split_rows(2)[1])
     assert not torch.equal(rows_a[1], a.split_rows(3)[1])  # a key per task
     (train_a, val_a), (train_b, val_b) = a.fit_splits(2), b.fit_splits(2)
-    assert torch.equal(val_a.x, val_b.x) and torch.equal(val_a.y, val_b.y)
-    assert torch.equal(train_a.x, train_b.x)
-    assert torch.equal(a.val_split(2).x, val_a.x)
-    worker = a.for_workers()
-    assert worker is not a
-    assert all(
-        torch.equal(s.x, w.x) and torch.equal(s.y, w.y)
-        for s, w in zip(a.fit_splits(2), worker.fit_splits(2), strict=True)
-    )
+    _same(val_a, val_b)
+    _same(train_a, train_b)
+    _same(a.val_split(2), val_a)
     assert a.test_split(2) is a.test_split(2)
     limited = SplitCIFAR100(root, seed=7, train_limit=5)
     assert len(limited.fit_splits(0)[0]) == 5
@@ -241,9 +244,8 @@ def test_five_datasets_tasks(tmp_path: Path) -> None:
             if key in ("mnist", "fashion_mnist", "notmnist"):
                 assert torch.equal(split.x[:, 0], split.x[:, 1])
                 assert torch.equal(split.x[:, 0], split.x[:, 2])
-    assert stream.for_workers() is None
     again = FiveDatasets(tmp_path, val_fraction=0.25, seed=1)
-    assert torch.equal(again.val_split(1).x, stream.val_split(1).x)
+    _same(again.val_split(1), stream.val_split(1))
 
 
 def test_five_datasets_reference_notmnist_layout(tmp_path: Path) -> None:
@@ -337,7 +339,7 @@ def test_tinyimagenet_tasks_follow_wnids_order(tmp_path: Path) -> None:
             decoded = _decoded_class(stream, t, split, TINY_STEP, TINY_OFFSET)
             assert decoded == (split.y + 5 * t).tolist()
     same = TinyImagenet(root / "tiny-imagenet-200", num_tasks=2, val_fraction=0.25, seed=0)
-    assert torch.equal(same.test_split(1).x, stream.test_split(1).x)
+    _same(same.test_split(1), stream.test_split(1))
     with pytest.raises(DataError, match=r"needs 3 × 5 = 15 classes"):
         TinyImagenet(root, num_tasks=3)
 
@@ -408,3 +410,67 @@ def test_imagenet100_missing_data(tmp_path: Path) -> None:
     shutil.rmtree(root / "val" / IN_CLASSES[0])
     with pytest.raises(DataError, match=rf"lacks the class folders {IN_CLASSES[0]}"):
         Imagenet100(root, num_tasks=2)
+
+
+# ---------------------------------------------------------------- worker copies
+
+
+def _same(a: Split, b: Split) -> None:
+    """Bit-identical splits: uint8 images, labels and per-channel statistics."""
+    assert a.x.dtype == b.x.dtype == torch.uint8
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    assert a.mean is not None and b.mean is not None and torch.equal(a.mean, b.mean)
+    assert a.std is not None and b.std is not None and torch.equal(a.std, b.std)
+
+
+def _cifar100(root: Path, limit: int | None) -> ImageStream:
+    return SplitCIFAR100(
+        _make_cifar100(root), num_tasks=3, val_fraction=0.34, seed=5, train_limit=limit
+    )
+
+
+def _five(root: Path, limit: int | None) -> ImageStream:
+    return FiveDatasets(_make_five(root), val_fraction=0.25, seed=5, train_limit=limit)
+
+
+def _tiny(root: Path, limit: int | None) -> ImageStream:
+    return TinyImagenet(_make_tiny(root), num_tasks=2, val_fraction=0.25, train_limit=limit)
+
+
+def _imagenet(root: Path, limit: int | None) -> ImageStream:
+    return Imagenet100(_make_imagenet(root), num_tasks=2, image_size=16, train_limit=limit)
+
+
+STREAMS: dict[str, Callable[[Path, int | None], ImageStream]] = {
+    "cifar100": _cifar100,
+    "five_datasets": _five,
+    "tinyimagenet": _tiny,
+    "imagenet100": _imagenet,
+}
+
+
+@pytest.mark.parametrize("limit", [None, 7])
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_worker_copy_rebuilds_every_split_bit_for_bit(
+    tmp_path: Path, name: str, limit: int | None
+) -> None:
+    """The copy an actor unpickles holds every task's decoded uint8 images: without the data
+    folder it rebuilds the driver's train, validation and test splits bit for bit."""
+    root = tmp_path / "data"
+    stream = STREAMS[name](root, limit)
+    stream.test_split(0)  # a driver cache that must not travel
+    shipped = pickle.dumps(stream.for_workers())
+    shutil.rmtree(root)  # the copy reads no file
+    copy = pickle.loads(shipped)
+    assert copy.device == torch.device("cpu") and copy._test_cache == {}
+    assert all(getattr(copy, attr) is None for attr in copy._bulk)
+    fresh = STREAMS[name](root, limit)
+    for t in range(stream.num_tasks):
+        train, val = copy.fit_splits(t)
+        expected = fresh.fit_splits(t)
+        _same(train, expected[0])
+        _same(val, expected[1])
+        _same(copy.test_split(t), fresh.test_split(t))
+        _same(copy.val_split(t), expected[1])
+        if limit is not None:
+            assert len(train) == limit

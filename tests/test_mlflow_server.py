@@ -56,13 +56,14 @@ def test_digits_on_ray_logged_to_a_real_server(tmp_path: Path) -> None:
                 r for r in runs if r.data.tags.get("mlflow.parentRunId") == task_run.info.run_id
             ]
             assert len(cands) == 6
-            # logged from the Ray actor that trained them, not from the driver
-            assert {c.data.tags["qpacknet.pid"] for c in cands} != {
-                parent.data.tags["qpacknet.pid"]
-            }
-            assert parent.data.tags["qpacknet.pid"] not in {
-                c.data.tags["qpacknet.pid"] for c in cands
-            }
+            # logged by the driver, naming the Ray actors that trained them
+            trainers = {c.data.tags["qpacknet.worker.pid"] for c in cands}
+            assert parent.data.tags["qpacknet.pid"] not in trainers
+            for c in cands:
+                report = res["tasks"][t]["candidates"][int(c.data.tags["qpacknet.candidate"])]
+                worker = res["workers"][report["worker"]]
+                assert c.data.tags["qpacknet.worker.pid"] == str(worker["pid"])
+                assert c.data.tags["qpacknet.worker.node_id"] == worker["node_id"]
             accs = {
                 int(c.data.tags["qpacknet.candidate"]): c.data.metrics["val_acc"] for c in cands
             }

@@ -100,9 +100,9 @@ def test_default_population_uses_both_nodes_and_driver_logs_every_candidate_run(
     assert set(by_key) == {(str(t), str(c)) for t in range(2) for c in range(6)}
     for (t, c), run in by_key.items():
         node = run.data.tags["qpacknet.worker.node_id"]
-        assert node == res["workers"][res["tasks"][int(t)]["candidates"][int(c)]["worker"]][
-            "node_id"
-        ]
+        assert (
+            node == res["workers"][res["tasks"][int(t)]["candidates"][int(c)]["worker"]]["node_id"]
+        )
         assert run.data.metrics["val_acc"] == res["tasks"][int(t)]["candidates"][int(c)]["acc"]
         assert run.info.end_time >= run.info.start_time
     for t, task in enumerate(res["tasks"]):

@@ -7,8 +7,8 @@ import pickle
 import pytest
 import torch
 
-from qpacknet.cluster.transfer import pack_splits, unpack_splits
-from qpacknet.scenarios import PermutedDigits
+from qpacknet.cluster.transfer import pack_split, pack_splits, unpack_split, unpack_splits
+from qpacknet.scenarios import PermutedDigits, Split
 from tests.conftest import BlobStream
 
 
@@ -18,6 +18,25 @@ def test_pack_unpack_round_trip() -> None:
     for a, b in ((data.train, train), (data.val, val)):
         assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
         assert b.x.dtype == torch.float32 and b.y.dtype == torch.int64
+        assert b.x.data_ptr() != a.x.data_ptr()
+
+
+def test_compact_splits_travel_as_uint8_with_their_statistics() -> None:
+    g = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> Split:
+        x = torch.randint(0, 256, (n, 3, 4, 4), dtype=torch.uint8, generator=g)
+        mean, std = torch.tensor([120.5, 3.0, 64.25]), torch.tensor([50.0, 1.0, 7.5])
+        return Split(x, torch.randint(0, 5, (n,), generator=g), mean, std)
+
+    train, val, test = split(12), split(4), split(6)
+    packed = pack_splits(train, val)
+    assert packed["train.x"].dtype.name == "uint8" and packed["val.mean"].dtype.name == "float32"
+    back = (*unpack_splits(packed), unpack_split(pack_split(test)))
+    for a, b in zip((train, val, test), back, strict=True):
+        assert b.x.dtype == torch.uint8 and torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+        assert torch.equal(a.mean, b.mean) and torch.equal(a.std, b.std)
+        assert torch.equal(a.inputs(), b.inputs())
         assert b.x.data_ptr() != a.x.data_ptr()
 
 

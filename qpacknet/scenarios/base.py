@@ -2,6 +2,7 @@
 
 DESIGN.md §4 / §7: batches are gathered from one in-memory tensor (``x[perm[i:i+b]]``),
 2.5–3× cheaper than a ``DataLoader``; tensors live on the training device when there is one.
+Image splits keep their uint8 pixels and are standardised per batch (:class:`Split`).
 """
 
 from __future__ import annotations
@@ -14,22 +15,81 @@ import torch
 from qpacknet.seeding import generator
 
 
+def standardise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, C, H, W]`` → float32, each channel centred and scaled by ``mean``/``std``.
+
+    Elementwise only (``sub`` then ``div``), so any subset of rows gives bit for bit the values
+    that standardising all rows would: batches can be standardised as they are gathered.
+    """
+    out = x.to(torch.float32)
+    return out.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+
+
 @dataclass(frozen=True)
 class Split:
-    """Inputs ``x`` (float32, ``[N, *input_shape]``) and labels ``y`` (int64, ``[N]``)."""
+    """Inputs ``x`` (``[N, *input_shape]``) and labels ``y`` (int64, ``[N]``).
+
+    ``x`` is either the network input itself (float32; ``mean``/``std`` None) or compact uint8
+    images ``[N, C, H, W]`` with per-channel ``mean``/``std`` (float32 ``[C]``, pixel units
+    0..255): the network input is then ``(x - mean) / std``, built batch by batch by
+    :meth:`inputs`. Images stay uint8 on the training device and in the object store, a
+    quarter of the float32 bytes (DESIGN.md §4: data crosses the object store once, compact).
+    """
 
     x: torch.Tensor
     y: torch.Tensor
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.x.shape[0] != self.y.shape[0]:
             raise ValueError(f"x has {self.x.shape[0]} rows but y has {self.y.shape[0]}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std (per-channel standardisation) or neither")
+        if self.mean is None:
+            if self.x.dtype == torch.uint8:
+                raise ValueError("uint8 images need their per-channel mean and std")
+            return
+        assert self.std is not None
+        channels = self.x.shape[1] if self.x.ndim == 4 else -1
+        if self.x.dtype != torch.uint8 or self.x.ndim != 4:
+            raise ValueError(
+                f"mean/std standardise uint8 [N, C, H, W] images, not {self.x.dtype} "
+                f"{list(self.x.shape)}"
+            )
+        for name, v in (("mean", self.mean), ("std", self.std)):
+            if v.dtype != torch.float32 or tuple(v.shape) != (channels,):
+                raise ValueError(
+                    f"{name} must be float32 [{channels}], got {v.dtype} {list(v.shape)}"
+                )
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    @property
+    def compact(self) -> bool:
+        """Whether ``x`` holds uint8 images that :meth:`inputs` standardises per batch."""
+        return self.mean is not None
+
+    def inputs(self, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 network input of ``rows`` (a slice or an index tensor; all rows when
+        None), standardised here for a compact split: bit for bit the rows of the whole split
+        standardised at once."""
+        x = self.x if rows is None else self.x[rows]
+        if self.mean is None or self.std is None:
+            return x
+        return standardise(x, self.mean, self.std)
+
+    def standardised(self) -> Split:
+        """This split with float32 network inputs in ``x`` (itself when it has them)."""
+        return self if self.mean is None else Split(self.inputs(), self.y)
+
     def to(self, device: torch.device | str) -> Split:
-        return Split(self.x.to(device), self.y.to(device))
+        if self.mean is None or self.std is None:
+            return Split(self.x.to(device), self.y.to(device))
+        return Split(
+            self.x.to(device), self.y.to(device), self.mean.to(device), self.std.to(device)
+        )
 
 
 @dataclass(frozen=True)

@@ -156,13 +156,15 @@ class SplitCIFAR100(ImageStream):
     """Split CIFAR-100 (DESIGN.md §3): task t holds classes ``t·k .. t·k + k - 1`` (k =
     ``classes_per_task``, 10 in the paper) in ascending order, relabelled ``0..k-1``.
 
-    The whole uint8 data set (180 MB) stays in memory; a task's float tensors are built when
-    asked. ``val_fraction`` of each task's 500·k training images are held out, seeded per task.
+    The whole uint8 data set (180 MB) stays in memory; a task's splits are built when asked.
+    ``val_fraction`` of each task's 500·k training images are held out, seeded per task. The
+    worker copy (:meth:`ImageStream.for_workers`) carries only the run's tasks' images.
     """
 
     name = "cifar100"
     input_shape = (3, 32, 32)
     _key = "cifar100"
+    _bulk = ("_train_x", "_train_y", "_test_x", "_test_y")
 
     def __init__(
         self,
@@ -198,10 +200,3 @@ class SplitCIFAR100(ImageStream):
             return ArraySource(x[rows], y[rows] - first)
 
         return part(self._train_x, self._train_y), part(self._test_x, self._test_y)
-
-    def for_workers(self) -> SplitCIFAR100:
-        """A CPU copy without caches: the uint8 data set travels once per run (180 MB) instead
-        of each task's float32 train and validation tensors (68 MB per task)."""
-        clone = self._cpu_copy()
-        assert isinstance(clone, SplitCIFAR100)
-        return clone

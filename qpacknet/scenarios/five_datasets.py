@@ -6,7 +6,8 @@ SVHN's ``*_32x32.mat``, ``cifar-10-batches-py``); notMNIST is an image folder pe
 idx files are parsed by :mod:`qpacknet.scenarios.mnist_files` (gzipped files stay packed, a
 read-only data folder stays untouched) and the CIFAR pickles by :mod:`qpacknet.scenarios.cifar`.
 All data sets a run uses are checked when the stream opens, so a missing one fails before any
-training; each is read only when its task is built.
+training; each is read only when its task is built (the worker copy of a distributed run reads
+them all once, on the driver).
 """
 
 from __future__ import annotations

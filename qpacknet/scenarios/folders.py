@@ -18,12 +18,14 @@ shared shape, when their task is loaded. Adding a task folder makes a next task 
 
 Images are not resized: the network's input shape is the first image's ``[C, H, W]``, and a
 resized copy of someone's data set is better made once by the user than silently on every run.
-Every split is standardised per channel with the statistics of the task's training rows, as
-the other image streams do (:mod:`qpacknet.scenarios.images`).
+Every split stays uint8 with the per-channel statistics of the task's training rows and is
+standardised batch by batch, as the other image streams do (:mod:`qpacknet.scenarios.images`);
+the worker copy (:meth:`FolderStream.for_workers`) carries every task's decoded images.
 """
 
 from __future__ import annotations
 
+import copy
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ from torchvision.transforms.v2 import functional as tvf
 
 from qpacknet.errors import DataError
 from qpacknet.scenarios.base import Split, TaskData, TaskStream, check_stream_args, holdout_split
-from qpacknet.scenarios.images import channel_stats, resolve_threads, standardise
+from qpacknet.scenarios.images import channel_stats, resolve_threads
 from qpacknet.seeding import generator
 
 # PIL modes decoded as one grey channel; every other mode (palette, RGBA, CMYK…) becomes RGB.
@@ -118,6 +120,7 @@ class FolderStream(TaskStream):
         self._cache: dict[int, TaskData] = {}
         self._tests: dict[int, Split] = {}
         self._stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._shipped: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -215,6 +218,29 @@ class FolderStream(TaskStream):
         labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
         return torch.stack(images), labels
 
+    def _images(self, index: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task ``index``'s decoded ``split`` (``train``, ``val`` or ``test``): from the worker
+        copy's arrays when this is one, else from the files."""
+        if self._shipped is not None:
+            return self._shipped[index][split]
+        return self._decode(self._files[index].splits[split])
+
+    def for_workers(self) -> FolderStream:
+        """A CPU copy carrying every task's decoded uint8 images, put in the object store once
+        per run; actors build each task's splits from it bit for bit (same seeded hold-outs,
+        same statistics). Cost, paid once on the driver: every image file of the run is
+        decoded up front and the copy holds them all as uint8 (a quarter of float32's bytes).
+        """
+        shipped = {
+            index: {split: self._decode(samples) for split, samples in files.splits.items()}
+            for index, files in enumerate(self._files)
+        }
+        clone = copy.copy(self)
+        clone.device = torch.device("cpu")
+        clone._cache, clone._tests, clone._stats = {}, {}, {}
+        clone._shipped = shipped
+        return clone
+
     def _held_out(
         self, index: int, n: int, key: str, train_dir: Path
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,16 +261,16 @@ class FolderStream(TaskStream):
             return self._cache[index]
         files = self._files[index]
         train_dir = files.train_dir
-        x, y = self._decode(files.splits["train"])
+        x, y = self._images(index, "train")
         rest = torch.arange(len(y))
         if "test" in files.splits:
-            test_x, test_y = self._decode(files.splits["test"])
+            test_x, test_y = self._images(index, "test")
         else:
             keep, held = self._held_out(index, len(rest), "test", train_dir)
             test_x, test_y = x[held], y[held]
             rest = rest[keep]
         if "val" in files.splits:
-            val_x, val_y = self._decode(files.splits["val"])
+            val_x, val_y = self._images(index, "val")
         else:
             keep, held = self._held_out(index, len(rest), "validation", train_dir)
             val_x, val_y = x[rest[held]], y[rest[held]]
@@ -268,9 +294,9 @@ class FolderStream(TaskStream):
             index,
             f"folders-{files.folder.name}",
             self.num_classes,
-            Split(standardise(train_x, mean, std), y[rest]),
-            Split(standardise(val_x, mean, std), val_y),
-            Split(standardise(test_x, mean, std), test_y),
+            Split(train_x, y[rest], mean, std),
+            Split(val_x, val_y, mean, std),
+            Split(test_x, test_y, mean, std),
         ).to(self.device)
         self._cache = {index: data}
         self._tests[index] = data.test

@@ -2,8 +2,11 @@
 TinyImagenet and Imagenet100.
 
 Every image stream keeps its tasks' images as uint8 (or as file paths) and builds a task's
-float32 tensors ``[N, C, H, W]`` only when asked, so that at most one task's training data is
-materialised at a time (DESIGN.md §4: batches are gathered from whole in-memory tensors).
+splits only when asked, so that at most one task's training data is decoded at a time. Splits
+stay uint8 ``[N, C, H, W]`` with the task's per-channel mean and std, standardised batch by
+batch (:class:`~qpacknet.scenarios.base.Split`): a quarter of float32's bytes on the training
+device and in the object store (DESIGN.md §4). :meth:`ImageStream.for_workers` decodes every
+task once on the driver so that actors build their splits from one compact object per run.
 
 Per-channel standardisation uses the mean and standard deviation of the task's own training
 rows (after the validation hold-out and ``train_limit``). The streams read whatever images
@@ -29,7 +32,13 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as tvf
 
 from qpacknet.errors import ConfigError, DataError, UsageError
-from qpacknet.scenarios.base import Split, TaskData, TaskStream, check_stream_args, holdout_split
+from qpacknet.scenarios.base import (
+    Split,
+    TaskData,
+    TaskStream,
+    check_stream_args,
+    holdout_split,
+)
 from qpacknet.scenarios.datadir import ENV_VAR
 from qpacknet.seeding import generator
 
@@ -145,12 +154,6 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.to(torch.float32), std.to(torch.float32)
 
 
-def standardise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[N, C, H, W]`` → float32, each channel centred and scaled by ``mean``/``std``."""
-    out = x.to(torch.float32)
-    return out.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
-
-
 class ImageSource(ABC):
     """One split of one task before standardisation: labels now, images when asked."""
 
@@ -213,14 +216,36 @@ class FileSource(ImageSource):
         return images
 
 
+class DecodedSource(ImageSource):
+    """Some rows of another source, decoded to uint8 once (what a worker copy carries): the
+    labels of every row, so that row numbers and seeded hold-outs stay those of the source,
+    and the images of ``rows`` only."""
+
+    def __init__(self, source: ImageSource, rows: torch.Tensor) -> None:
+        self.labels = source.labels
+        self._rows = rows.to(torch.int64).unique(sorted=True)
+        self._images = source.images(self._rows)
+
+    def images(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(torch.int64)
+        at = torch.searchsorted(self._rows, rows).clamp_max(max(len(self._rows) - 1, 0))
+        if len(rows) and (len(self._rows) == 0 or not torch.equal(self._rows[at], rows)):
+            raise ValueError("asked for rows that were not decoded for the workers")
+        return self._images[at]
+
+
 class ImageStream(TaskStream):
-    """Lazy image tasks with seeded validation hold-outs and cached, standardised test splits.
+    """Lazy image tasks with seeded validation hold-outs and cached test splits, all uint8 with
+    the per-channel statistics of the task's training rows.
 
     A subclass lists the task's images in :meth:`_load`; this class holds out
-    ``val_fraction`` of the training rows (seeded, keyed by task), optionally keeps a seeded
-    subset of ``train_limit`` of the rest, and standardises every split with the statistics of
-    the training rows. Only the most recently loaded task's sources are kept.
+    ``val_fraction`` of the training rows (seeded, keyed by task) and optionally keeps a seeded
+    subset of ``train_limit`` of the rest. Only the most recently loaded task's sources are
+    kept. A subclass names in ``_bulk`` the attributes holding its raw data set, which the
+    worker copy leaves behind (it carries its tasks' decoded rows instead).
     """
+
+    _bulk: tuple[str, ...] = ()
 
     name: str
     input_shape: tuple[int, ...]
@@ -245,6 +270,7 @@ class ImageStream(TaskStream):
         self._loaded: tuple[int, ImageSource, ImageSource] | None = None
         self._stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._test_cache: dict[int, Split] = {}
+        self._shipped: dict[int, tuple[ImageSource, ImageSource]] | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -279,6 +305,8 @@ class ImageStream(TaskStream):
         return int(index)
 
     def _sources(self, index: int) -> tuple[ImageSource, ImageSource]:
+        if self._shipped is not None:
+            return self._shipped[index]
         if self._loaded is None or self._loaded[0] != index:
             self._loaded = None  # release the previous task before loading the next
             self._loaded = (index, *self._load(index))
@@ -331,8 +359,8 @@ class ImageStream(TaskStream):
         std: torch.Tensor,
         images: torch.Tensor | None = None,
     ) -> Split:
-        x = standardise(source.images(rows) if images is None else images, mean, std)
-        return Split(x, source.labels[rows].clone()).to(self.device)
+        x = source.images(rows) if images is None else images
+        return Split(x, source.labels[rows].clone(), mean, std).to(self.device)
 
     def fit_splits(self, index: int) -> tuple[Split, Split]:
         index = self._check_index(index)
@@ -373,12 +401,34 @@ class ImageStream(TaskStream):
             test=self.test_split(index),
         )
 
-    def _cpu_copy(self) -> ImageStream:
+    def for_workers(self) -> ImageStream:
+        """A CPU copy carrying every task's decoded uint8 images (the training rows of its
+        hold-outs and the whole test split), put in the object store once per run; actors
+        build each task's splits from it bit for bit, with the same seeded rows and statistics.
+
+        Cost, paid once on the driver when the run starts: every task is decoded up front (all
+        image files of a file-backed stream, with ``decode_threads``), and the copy holds them
+        as uint8, e.g. TinyImagenet's 40 tasks about 1.2 GB, split CIFAR-100 180 MB, against
+        4× that as float32 train and validation tensors for each task. Images are shipped
+        decoded rather than as files or raw arrays, so no worker's JPEG decoder or resize
+        kernel can make its splits differ from the driver's.
+        """
+        shipped: dict[int, tuple[ImageSource, ImageSource]] = {}
+        for index in range(self._num_tasks):
+            train_src, test_src = self._sources(index)
+            train_rows, val_rows = self.split_rows(index)
+            shipped[index] = (
+                DecodedSource(train_src, torch.cat([train_rows, val_rows])),
+                DecodedSource(test_src, torch.arange(len(test_src))),
+            )
         clone = copy.copy(self)
+        for name in self._bulk:
+            setattr(clone, name, None)
         clone.device = torch.device("cpu")
         clone._loaded = None
         clone._stats = {}
         clone._test_cache = {}
+        clone._shipped = shipped
         return clone
 
 

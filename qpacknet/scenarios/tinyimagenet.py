@@ -4,7 +4,8 @@
 The release's labelled ``val`` set serves as the test split (its ``test`` images carry no
 labels); the validation split is held out of each task's training images. Images are 64×64 JPEG
 files decoded when their task is built: the 100 000 training images would take 1.2 GB as uint8,
-a task's 2 500 take 31 MB.
+a task's 2 500 take 31 MB. The worker copy of a distributed run decodes them all once, on the
+driver (:meth:`~qpacknet.scenarios.images.ImageStream.for_workers`).
 """
 
 from __future__ import annotations

@@ -255,7 +255,7 @@ class MlflowTracker(RunObserver):
         self._bg.submit(lambda: self._log_task(event, run_id, snapshot))
 
     def _log_task(self, event: TaskCommitted, run_id: str, snapshot: Path) -> None:
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
 
         client, rep, t = self.safe.client, event.report, event.task
         values = {
@@ -286,7 +286,11 @@ class MlflowTracker(RunObserver):
         for b in rep["bits_tried"]:
             metrics.append(Metric("quant_val_acc_by_bits", b["acc"], ts, b["bits"]))
         params = [Param("winner", str(rep["winner"])), Param("bit_width", str(rep["bit_width"]))]
-        self.safe.call("logging task metrics", client.log_batch, run_id, metrics, params)
+        tags = [RunTag("qpacknet.commit_digest", rep.get("commit_digest", ""))]
+        for stage, where in rep.get("ran_on", {}).items():
+            text = ", ".join(where) if isinstance(where, list) else str(where)
+            tags.append(RunTag(f"qpacknet.ran_on.{stage}", text))
+        self.safe.call("logging task metrics", client.log_batch, run_id, metrics, params, tags)
         progress = {
             "acc": event.acc,
             "bwt": event.bwt,
@@ -389,6 +393,15 @@ class MlflowTracker(RunObserver):
                 self.safe.call(
                     "logging a plot", client.log_artifact, self.run_id, str(png), "plots"
                 )
+        ev = results.get("evaluation", {})
+        devices = sorted({str(w.get("device_name")) for w in results.get("workers", {}).values()})
+        for key, value in (
+            ("qpacknet.evaluation_device", f"{ev.get('device')} ({ev.get('device_name')})"),
+            ("qpacknet.evaluation_worker", f"{ev.get('host')}:{ev.get('pid')}"),
+            ("qpacknet.worker_devices", ", ".join(devices)),
+            ("qpacknet.workers", str(len(results.get("workers", {})))),
+        ):
+            self.safe.call("tagging the run", client.set_tag, self.run_id, key, value)
         self.safe.call("closing the run", client.set_terminated, self.run_id, "FINISHED")
         self._bg.close()
 
