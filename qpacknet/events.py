@@ -60,7 +60,20 @@ class StageDone:
     worker: dict[str, Any]
 
 
-Event = EpochEnded | StepDone | StageDone
+@dataclass(frozen=True)
+class WorkerLost:
+    """The worker running ``stage`` for ``candidates`` died (``error`` names how); the
+    executor re-runs that work on another worker, so the lost attempt's events may come
+    again. ``worker`` is what the lost worker had reported about itself (may be empty)."""
+
+    stage: str
+    task: int
+    candidates: tuple[int, ...]
+    error: str
+    worker: dict[str, Any]
+
+
+Event = EpochEnded | StepDone | StageDone | WorkerLost
 EventCallback = Callable[[Event], None]
 
 

@@ -74,10 +74,14 @@ class Executor(ABC):
     @abstractmethod
     def end_task(self) -> None: ...
 
-    @property
+    def driver_device(self, config: RunConfig) -> str:
+        """The device of the process that drives the run (where the local executor trains)."""
+        return resolve_device(config.device, where="the driver")
+
     @abstractmethod
-    def evaluator(self) -> dict[str, Any]:
-        """The worker and device that compute every reported accuracy of this run."""
+    def worker_info(self) -> list[dict[str, Any]]:
+        """What each worker reported about itself (device, GPU name, node), after
+        :meth:`begin_run`: shown when the run starts, so a CPU fallback is never silent."""
 
     def chunk_plan(self, population: int) -> list[list[int]]:
         """How this executor splits a population (recorded in results.json)."""
@@ -109,9 +113,8 @@ class LocalExecutor(Executor):
     def name(self) -> str:
         return "local"
 
-    @property
-    def evaluator(self) -> dict[str, Any]:
-        return dict(self._where)
+    def worker_info(self) -> list[dict[str, Any]]:
+        return [dict(self._where)] if self._where else []
 
     def chunk_plan(self, population: int) -> list[list[int]]:
         """``candidates_per_worker``, else ``executor.workers`` chunks when it is a number

@@ -25,7 +25,15 @@ from qpacknet.config import RunConfig
 from qpacknet.devices import resolve_device
 from qpacknet.errors import CommitRefused, DataError, ModelFileError, UsageError
 from qpacknet.evaluation import EvalRequest
-from qpacknet.events import EpochEnded, Event, EventCallback, StageDone, StepDone, worker_key
+from qpacknet.events import (
+    EpochEnded,
+    Event,
+    EventCallback,
+    StageDone,
+    StepDone,
+    WorkerLost,
+    worker_key,
+)
 from qpacknet.executor import Executor
 from qpacknet.fileio import atomic_write_json, atomic_write_text
 from qpacknet.layout import CONFIG_FILE, MODEL_FILE, RESULTS_FILE
@@ -109,12 +117,13 @@ class Pipeline:
         self.progress = progress or Progress()
         self.preset = preset
         self.observers = list(observers or [])
-        self.device = resolve_device(config.device, where="the driver")
+        self.device = executor.driver_device(config)
         probe = build(config.net, stream.input_shape, stream.num_classes, 1)
         self.store = PackedStore(
             probe.layer_specs, b_max=config.quantize.b_max, meta=probe.describe()
         )
         self.workers: dict[str, dict[str, Any]] = {}
+        self._evaluator: str | None = None
         self.latencies: list[float] = []
         self._log = _TaskLog()
         self._begun = False
@@ -162,7 +171,11 @@ class Pipeline:
                 self._checkpoint(time.perf_counter() - start)
                 self._notify(t, num_tasks)
             if self.inference_figures is None and self.store.num_tasks:
-                self.inference_figures = self._evaluate(self.store.num_tasks - 1, add_row=False)
+                last = self.store.num_tasks - 1
+                timer = _Timer()
+                self.inference_figures = self._evaluate(
+                    last, add_row=False, on_event=lambda e: self._on_event(last, timer, e)
+                )
         except BaseException as exc:
             for obs in self.observers:
                 obs.run_failed(exc)
@@ -255,12 +268,20 @@ class Pipeline:
         if not self._begun:
             self.executor.begin_run(self.stream, self.config)
             self._begun = True
+            self.progress.workers(self.executor.worker_info())
 
     def _on_event(self, t: int, timer: _Timer, event: Event) -> None:
         """Every worker event, the moment it reaches the driver: progress, the task's log
         and the observers (MLflow). The only place where worker events are consumed."""
         where = event.worker
         key = worker_key(where)
+        if isinstance(event, WorkerLost):
+            self.progress.worker_lost(t, event, key)
+            if event.stage in ("train", "quantize"):
+                self._log.train_epochs.clear()  # the re-run reports them again
+            for obs in self.observers:
+                obs.worker_event(event)
+            return
         self.workers.setdefault(key, dict(where))
         if isinstance(event, EpochEnded):
             rep = event.report
@@ -287,6 +308,8 @@ class Pipeline:
                     self._log.candidates[c] = key
             else:
                 self._log.stages[event.stage] = key
+            if event.stage == "evaluate":
+                self._evaluator = key
         for obs in self.observers:
             obs.worker_event(event)
 
@@ -489,9 +512,19 @@ class Pipeline:
             }
         )
 
+    def _evaluators(self) -> dict[str, list[int]]:
+        """Which worker evaluated which task's row (one entry unless an evaluation actor died
+        or the run was resumed elsewhere: then rows come from several devices)."""
+        out: dict[str, list[int]] = {}
+        for rep in self.task_reports:
+            key = rep.get("ran_on", {}).get("evaluate")
+            if key:
+                out.setdefault(key, []).append(rep["task"])
+        return out
+
     def _inference_results(self) -> dict[str, Any]:
-        """Task-inference and class-incremental accuracy after the last task (recomputed from
-        the packed model when the run was resumed after its last task)."""
+        """Task-inference and class-incremental accuracy after the last task (:meth:`run`
+        evaluates the missing pairs when the run was resumed after its last task)."""
         figures = self.inference_figures
         if figures is None:
             raise RuntimeError("the run ended without task-inference figures")
@@ -532,7 +565,7 @@ class Pipeline:
                     tot.candidate_epochs / tot.train_seconds if tot.train_seconds else 0.0
                 ),
                 "worker_validation_seconds": tot.eval_seconds,
-                "non_training_fraction": max(0.0, 1.0 - parallel / seconds_total),
+                "non_training_fraction": 1.0 - parallel / seconds_total,
             },
             "event_latency_s": {
                 "events": len(lat),
@@ -541,7 +574,8 @@ class Pipeline:
                 "max": lat[-1] if lat else None,
             },
             "chunks": self.executor.chunk_plan(self.config.search.population),
-            "evaluation": self.executor.evaluator,
+            "evaluation": self.workers.get(self._evaluator or "", {}),
+            "evaluators": self._evaluators(),
             "workers": self.workers,
             "hardware": hardware(self.device),
         }

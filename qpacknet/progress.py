@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
+from qpacknet.events import WorkerLost
 from qpacknet.metrics import InferenceFigures
 from qpacknet.search import CandidateResult
 from qpacknet.train import EpochReport
@@ -57,6 +58,25 @@ class Progress:
         self.line(
             f"task {task + 1} {rep.stage.upper()} {who} epoch {rep.epoch}/{rep.epochs} "
             f"lr {rep.lr:.5f} loss {loss:.4f} {acc} ({rep.train_seconds + rep.eval_seconds:.1f}s)"
+        )
+
+    def workers(self, infos: list[dict[str, Any]]) -> None:
+        """Where the run trains, said once at the start (a CPU fallback is never silent)."""
+        if not infos:
+            return
+        kinds: dict[str, int] = {}
+        for w in infos:
+            name = f"{w.get('device')} ({w.get('device_name')})"
+            kinds[name] = kinds.get(name, 0) + 1
+        nodes = len({w.get("node_id") for w in infos})
+        where = ", ".join(f"{n} x {k}" for k, n in kinds.items())
+        self.line(f"{len(infos)} worker(s) on {nodes} node(s): {where}")
+
+    def worker_lost(self, task: int, event: WorkerLost, key: str) -> None:
+        who = f" for candidates {list(event.candidates)}" if event.candidates else ""
+        self.line(
+            f"task {task + 1} {event.stage.upper()}: worker {key} died ({event.error}){who}; "
+            "re-running on another worker"
         )
 
     def step(self, task: int, stage: str, what: str, value: float) -> None:

@@ -226,12 +226,15 @@ def test_bootstrap_config_counts_startable_gpu_types(tmp_path: Path) -> None:
     )
     assert placement._gpus_in_bootstrap_config(cfg) == 1.0
     assert placement._gpus_in_bootstrap_config(tmp_path / "missing.yaml") == 0.0
+    # 8 one-GPU workers may be added: a run can plan 8 one-GPU actors before any is up
+    assert placement._total_in_bootstrap_config(cfg) == 8.0
+    assert placement._total_in_bootstrap_config(tmp_path / "missing.yaml") == 0.0
 
 
-def test_scalable_gpus_without_ray() -> None:
-    if ray.is_initialized():
-        pytest.skip("Ray is running in this process")
+def test_scalable_gpus_without_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(placement.ray, "is_initialized", lambda: False)
     assert placement.scalable_gpus() == 0.0
+    assert placement.scalable_gpu_total() == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -276,8 +279,10 @@ def test_autoscaler_gpu_node_type_makes_actors_ask_for_gpus(
     try:
         _report_cluster_config(gpus_per_node=4, max_count=0)  # a type it may never start
         assert placement.scalable_gpus() == 0.0
+        assert placement.scalable_gpu_total() == 0.0
         _report_cluster_config(gpus_per_node=4, max_count=8)
         assert placement.scalable_gpus() == 4.0
+        assert placement.scalable_gpu_total() == 32.0
         assert placement.gpus_per_worker("auto", "auto") == 1.0
         assert placement.gpus_per_worker("auto", "cpu") == 0.0
     finally:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import ray
+from ray import cloudpickle
 from ray.cluster_utils import Cluster
 
 from qpacknet.cluster import RayExecutor
@@ -66,6 +68,10 @@ def test_population_spreads_over_gpu_nodes_and_queues(tmp_path: Path, cluster: C
     ).read_bytes()
 
 
+def _has_mlflow(_actor: object) -> bool:
+    return "mlflow" in sys.modules
+
+
 def test_default_population_uses_both_nodes_and_driver_logs_every_candidate_run(
     tmp_path: Path, cluster: Cluster
 ) -> None:
@@ -81,10 +87,16 @@ def test_default_population_uses_both_nodes_and_driver_logs_every_candidate_run(
     out = tmp_path / "ray"
     tracker = MlflowTracker(cfg.tracking, out)
     ex = RayExecutor(cfg)
-    res = Pipeline(
+    pipe = Pipeline(
         cfg, BlobStream(num_tasks=2), ex, out, Progress(verbose=False), observers=[tracker]
-    ).run()
+    )
+    ex.close = lambda: None  # type: ignore[method-assign]  # keep the actors for the check
+    res = pipe.run()
     assert res["chunks"] == [[0, 1, 2], [3, 4, 5]]
+    # the runs were written by the driver: no actor ever imported MLflow
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import tests
+    imported = ray.get([a.__ray_call__.remote(_has_mlflow) for a in ex._actors])
+    assert imported == [False, False]
     gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU")}
     assert set(ex.placements.values()) == gpu_nodes and len(gpu_nodes) == 2
     assert {w["node_id"] for w in res["workers"].values()} == gpu_nodes
@@ -98,6 +110,7 @@ def test_default_population_uses_both_nodes_and_driver_logs_every_candidate_run(
     assert len(runs) == 2 * 6
     by_key = {(r.data.tags["qpacknet.task"], r.data.tags["qpacknet.candidate"]): r for r in runs}
     assert set(by_key) == {(str(t), str(c)) for t in range(2) for c in range(6)}
+    RayExecutor.close(ex)
     for (t, c), run in by_key.items():
         node = run.data.tags["qpacknet.worker.node_id"]
         assert (
@@ -112,15 +125,19 @@ def test_default_population_uses_both_nodes_and_driver_logs_every_candidate_run(
         assert [m.step for m in history] == [1, 2]
 
 
-def test_actor_given_a_gpu_it_cannot_see_fails_loudly(tmp_path: Path, cluster: Cluster) -> None:
-    """The simulated nodes advertise a GPU that no CUDA backs: with ``device: auto`` an actor
-    that Ray gave a GPU must stop the run naming its node, not train on the CPU unannounced."""
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_actor_given_a_gpu_it_cannot_see_fails_loudly(
+    tmp_path: Path, cluster: Cluster, device: str
+) -> None:
+    """The simulated nodes advertise a GPU that no CUDA backs: an actor that Ray gave a GPU
+    must stop the run naming its node, not train on the CPU unannounced. With ``device: cuda``
+    the CPU-only driver is not what is checked: the actors are."""
     from qpacknet.devices import DeviceError
 
-    cfg = tiny_config(device="auto", executor={"workers": 1, "gpus_per_worker": 1})
+    cfg = tiny_config(device=device, executor={"workers": 1, "gpus_per_worker": "auto"})
     ex = RayExecutor(cfg)
     try:
-        with pytest.raises(DeviceError, match=r"node [0-9a-f]{8}.*GPU"):
+        with pytest.raises(DeviceError, match=r"Ray actor pid \d+ on node [0-9a-f]{8}.*GPU"):
             Pipeline(
                 cfg, BlobStream(num_tasks=1), ex, tmp_path / "gpu", Progress(verbose=False)
             ).run()

@@ -23,7 +23,7 @@ from qpacknet.cluster.transfer import unpack_split, unpack_splits
 from qpacknet.config import RunConfig
 from qpacknet.devices import configure, describe, resolve_device
 from qpacknet.evaluation import EvalRequest, evaluate_stage
-from qpacknet.events import Event
+from qpacknet.events import STAGES, Event
 from qpacknet.scenarios.base import Split, TaskStream
 from qpacknet.store import PackedStore
 from qpacknet.worker import CandidateWorker, TaskContext
@@ -75,7 +75,7 @@ class CandidateActor:
         return os.getpid()
 
     def search(self, chunk: list[int]) -> Iterator[Event]:
-        _maybe_die()
+        _maybe_die("search")
         if self._ctx is None or self._splits is None:
             raise RuntimeError("begin_task() was not called on this actor")
         worker = CandidateWorker(self._ctx, *self._splits, self.device, self.where)
@@ -89,11 +89,13 @@ class CandidateActor:
         raise RuntimeError(f"this actor does not hold candidate {candidate}")
 
     def train(self, winner: int) -> Iterator[Event]:
+        _maybe_die("train")
         worker = self._holder(winner)
         self._workers = {0: worker}
         yield from worker.train(winner)
 
     def quantize(self, winner: int) -> Iterator[Event]:
+        _maybe_die("quantize")
         yield from self._holder(winner).quantize()
 
     def evaluate(
@@ -105,6 +107,7 @@ class CandidateActor:
         each put in the object store once."""
         import ray
 
+        _maybe_die("evaluate")
         with tempfile.TemporaryDirectory(prefix="qpacknet-eval-") as tmp:
             path = Path(tmp) / "model.qpk"
             path.write_bytes(model)
@@ -129,13 +132,22 @@ class CandidateActor:
 FAULT_MARKER_ENV = "QPACKNET_TEST_DIE_ONCE"
 
 
-def _maybe_die() -> None:
+def _maybe_die(stage: str) -> None:
     """Fault injection for tests (Ray's marker-file pattern): if the file named by
-    ``$QPACKNET_TEST_DIE_ONCE`` exists, remove it and kill this process mid-search."""
+    ``$QPACKNET_TEST_DIE_ONCE`` exists and names ``stage`` as its first word (a file naming no
+    stage means ``search``), remove it and kill this process as the stage starts."""
     marker = os.environ.get(FAULT_MARKER_ENV)
-    if marker:
-        try:
-            os.unlink(marker)
-        except FileNotFoundError:
-            return
-        os._exit(1)
+    if not marker:
+        return
+    try:
+        words = open(marker).read().split()  # noqa: SIM115 - a marker read once
+    except FileNotFoundError:
+        return
+    wanted = words[0] if words and words[0] in STAGES else "search"
+    if wanted != stage:
+        return
+    try:
+        os.unlink(marker)
+    except FileNotFoundError:
+        return
+    os._exit(1)

@@ -16,7 +16,13 @@ import ray
 
 from qpacknet.devices import DeviceError
 
-__all__ = ["BOOTSTRAP_CONFIG", "auto_gpus", "gpus_per_worker", "scalable_gpus"]
+__all__ = [
+    "BOOTSTRAP_CONFIG",
+    "auto_gpus",
+    "gpus_per_worker",
+    "scalable_gpu_total",
+    "scalable_gpus",
+]
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +118,84 @@ def scalable_gpus() -> float:
     try:
         found = _gpus_in_gcs_cluster_config()
     except Exception as exc:  # an odd GCS or Ray Client mode: not a reason to fail
-        log.debug("no autoscaler cluster config in the GCS: %s", exc)
+        log.warning(
+            "could not read the autoscaler's node types from the GCS (%s: %s); GPU nodes it "
+            "could start are not counted (set executor.gpus_per_worker to be sure)",
+            type(exc).__name__,
+            exc,
+        )
     if found < 1:
         try:
             found = max(found, _gpus_in_bootstrap_config(BOOTSTRAP_CONFIG))
         except Exception as exc:  # unreadable YAML: ignore, as Ray's own readers do
-            log.debug("cannot read %s: %s", BOOTSTRAP_CONFIG, exc)
+            log.warning(
+                "cannot read the launcher config %s (%s); GPU node types in it are not counted",
+                BOOTSTRAP_CONFIG,
+                exc,
+            )
     return found
+
+
+def _total_in_gcs_cluster_config() -> float:
+    """GPUs all node groups of the GCS ``ClusterConfig`` may add up to (``max_count`` × GPU,
+    capped by ``max_resources``; -1 means unbounded), as Ray's own
+    ``_calculate_max_resource_from_cluster_config`` counts them."""
+    from ray._private.worker import global_worker
+    from ray.core.generated import autoscaler_pb2
+
+    raw = global_worker.gcs_client.internal_kv_get(_KV_KEY, _KV_NAMESPACE, timeout=GCS_TIMEOUT_S)
+    if not raw:
+        return 0.0
+    config = autoscaler_pb2.ClusterConfig.FromString(raw)
+    total = 0.0
+    for g in config.node_group_configs:
+        gpus, count = g.resources.get("GPU", 0), g.max_count
+        if gpus == 0 or count == 0:
+            continue
+        if gpus < 0 or count < 0:
+            return float("inf")
+        total += count * gpus
+    return min(total, float(config.max_resources.get("GPU", total)))
+
+
+def _total_in_bootstrap_config(path: Path) -> float:
+    """GPUs the launcher config's node types may add up to (``max_workers`` × GPU per type,
+    the head's own GPUs included)."""
+    path = path.expanduser()
+    if not path.is_file():
+        return 0.0
+    import yaml
+
+    config: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    head = config.get("head_node_type")
+    cluster_max = int(config.get("max_workers") or 0)
+    total = 0.0
+    for name, spec in (config.get("available_node_types") or {}).items():
+        spec = spec or {}
+        gpus = float((spec.get("resources") or {}).get("GPU", 0))
+        count = 1 if name == head else int(spec.get("max_workers", cluster_max) or 0)
+        total += count * gpus
+    return total
+
+
+def scalable_gpu_total() -> float:
+    """How many GPUs the cluster may have once its autoscaler has added every node it can (0.0
+    without an autoscaler): how many one-GPU actors a run can plan while no GPU node is up yet,
+    so that the autoscaler starts that many GPU nodes and no actor waits for one that can never
+    come. Reads the same two sources as :func:`scalable_gpus`."""
+    if not ray.is_initialized():
+        return 0.0
+    try:
+        total = _total_in_gcs_cluster_config()
+    except Exception as exc:
+        log.warning("could not read the autoscaler's node types from the GCS (%s)", exc)
+        total = 0.0
+    if total < 1:
+        try:
+            total = max(total, _total_in_bootstrap_config(BOOTSTRAP_CONFIG))
+        except Exception as exc:
+            log.warning("cannot read the launcher config %s (%s)", BOOTSTRAP_CONFIG, exc)
+    return total
 
 
 def gpus_per_worker(setting: float | str, device_setting: str) -> float:

@@ -11,8 +11,12 @@ task's splits itself; streams without one have each task's tensors put in the ob
 and the reference handed to every actor. An actor that dies is replaced and its chunk re-run:
 training is a pure function of (seed, task, candidate, committed store), so the re-run gives
 the same result. The winner's actor continues with TRAIN and QUANTIZE on the state it holds.
-One actor (the first) is the run's evaluation worker: EVALUATE always runs there, so every
-reported accuracy comes from one device.
+Every loss is reported as a :class:`~qpacknet.events.WorkerLost` event (the driver prints it),
+and the lost attempt's events may come again from the re-run.
+
+EVALUATE runs on one actor (the first one started), so every reported accuracy comes from one
+device; only if that actor dies does a fresh actor take over, and the driver records which
+worker evaluated each task.
 """
 
 from __future__ import annotations
@@ -28,12 +32,12 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from qpacknet.cluster.actor import CandidateActor
 from qpacknet.cluster.connect import connect
-from qpacknet.cluster.placement import gpus_per_worker
+from qpacknet.cluster.placement import gpus_per_worker, scalable_gpu_total
 from qpacknet.cluster.transfer import pack_split, pack_splits
 from qpacknet.config import RunConfig
 from qpacknet.devices import DeviceError
 from qpacknet.evaluation import EvalRequest, Evaluation
-from qpacknet.events import EventCallback, StageDone
+from qpacknet.events import EventCallback, StageDone, WorkerLost
 from qpacknet.executor import Executor, chunks
 from qpacknet.scenarios.base import TaskStream
 from qpacknet.search import CandidateResult
@@ -42,6 +46,7 @@ from qpacknet.worker import QuantizedTask, TaskContext, TrainOutcome
 
 log = logging.getLogger(__name__)
 _ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+PLACEMENT_REPORT_S = 60
 
 
 class RayExecutor(Executor):
@@ -73,7 +78,6 @@ class RayExecutor(Executor):
         self._winner_actor: Any = None
         self._winner: int | None = None
         self._evaluator: Any = None
-        self.evaluators: list[dict[str, Any]] = []
         self.restarts = 0
         self.actors_started = 0
         self.placements: dict[int, str] = {}
@@ -93,9 +97,10 @@ class RayExecutor(Executor):
             return min(int(self.cfg.workers), wanted)
         res = ray.cluster_resources()
         if self._gpus > 0:
-            fit = int(res.get("GPU", 0) // self._gpus)
-            if fit == 0:  # an autoscaling cluster that has no GPU node yet
-                fit = 1
+            gpus = float(res.get("GPU", 0))
+            if gpus < wanted * self._gpus:  # an autoscaler may add GPU nodes for the actors
+                gpus = max(gpus, min(scalable_gpu_total(), wanted * self._gpus))
+            fit = int(gpus // self._gpus)
         elif self.cfg.cpus_per_worker == "auto":
             fit = int(res.get("CPU", 1))
         else:
@@ -132,10 +137,23 @@ class RayExecutor(Executor):
 
     def _where(self, actor: Any) -> dict[str, Any]:
         """What an actor reported about itself; a failed start (e.g. a GPU it cannot see)
-        stops the run with the actor's own message."""
+        stops the run with the actor's own message. An actor that waits for resources (an
+        autoscaler adding a node) is reported every minute, never waited for silently."""
         if actor not in self._info:
+            ref = actor.info.remote()
+            waited = 0
+            while not ray.wait([ref], timeout=PLACEMENT_REPORT_S)[0]:
+                waited += PLACEMENT_REPORT_S
+                log.warning(
+                    "a candidate actor has waited %d s to start (it asks for %g CPU and %g GPU; "
+                    "cluster resources now %s); still waiting",
+                    waited,
+                    self._cpus(),
+                    self._gpus,
+                    ray.available_resources(),
+                )
             try:
-                self._info[actor] = ray.get(actor.info.remote())
+                self._info[actor] = ray.get(ref)
             except _ACTOR_LOST as exc:
                 text = str(exc)
                 if "DeviceError" in text:
@@ -144,9 +162,12 @@ class RayExecutor(Executor):
                 raise RuntimeError(f"a candidate actor could not start: {text}") from exc
         return self._info[actor]
 
-    @property
-    def evaluator(self) -> dict[str, Any]:
-        return dict(self.evaluators[-1]) if self.evaluators else {}
+    def driver_device(self, config: RunConfig) -> str:
+        """The driver only checks and records; the actors resolve (and enforce) the device."""
+        return "cpu"
+
+    def worker_info(self) -> list[dict[str, Any]]:
+        return [self._where(a) for a in self._actors]
 
     def begin_run(self, stream: TaskStream, config: RunConfig) -> None:
         """Put the stream's worker copy in the object store once; actors then build each task
@@ -161,11 +182,7 @@ class RayExecutor(Executor):
                 actor.begin_run.remote(self._stream_ref)
         for actor in self._actors:
             self._where(actor)
-        self._set_evaluator(self._actors[0])
-
-    def _set_evaluator(self, actor: Any) -> None:
-        self._evaluator = actor
-        self.evaluators.append(self._where(actor))
+        self._evaluator = self._actors[0]
 
     def begin_task(self, ctx: TaskContext, stream: TaskStream) -> None:
         self._ensure_actors()
@@ -176,26 +193,39 @@ class RayExecutor(Executor):
         self._winner_actor, self._winner = None, None
         ray.get([a.begin_task.remote(self._ctx, self._data_ref) for a in self._actors])
 
-    def _replace(self, actor: Any) -> Any:
-        """Swap a dead actor for a fresh one that has the current task's context."""
+    def _lose(
+        self,
+        actor: Any,
+        stage: str,
+        candidates: list[int],
+        exc: BaseException,
+        on_event: EventCallback | None,
+    ) -> None:
+        """An actor died: say so (a WorkerLost event the driver prints), drop what it held
+        and, if it was the evaluation actor, let the next EVALUATE start a fresh one."""
         self.restarts += 1
-        idx = self._actors.index(actor)
+        where = self._info.get(actor, {})
+        log.debug("actor %s lost during %s: %s", where.get("pid"), stage, exc)
+        if on_event is not None and self._ctx is not None:
+            on_event(
+                WorkerLost(stage, self._ctx.task, tuple(candidates), type(exc).__name__, where)
+            )
+        self._forget(actor)
+        if actor in self._actors:
+            self._actors.remove(actor)
+        if actor is self._evaluator:
+            self._evaluator = None
         try:
             ray.kill(actor)
         except Exception:  # already gone
             log.debug("actor already gone")
-        fresh = self._new_actor()
-        ray.get(fresh.begin_task.remote(self._ctx, self._data_ref))
-        self._actors[idx] = fresh
-        if actor is self._evaluator:
-            self._set_evaluator(fresh)
-        return fresh
 
     def search(self, on_event: EventCallback | None = None) -> list[CandidateResult]:
         if self._ctx is None:
             raise RuntimeError("begin_task() first")
         todo = self.chunk_plan(self._ctx.config.search.population)
         tries = {c[0]: 0 for c in todo}
+        finished: set[int] = set()
         idle = list(self._actors)
         running: dict[Any, tuple[Any, list[int]]] = {}
         results: list[CandidateResult] = []
@@ -219,18 +249,15 @@ class RayExecutor(Executor):
                     raise RuntimeError(
                         f"candidates {chunk}: actor died {tries[chunk[0]]} times; giving up"
                     ) from exc
-                log.warning(
-                    "actor training candidates %s died (%s); re-running on a new actor",
-                    chunk,
-                    type(exc).__name__,
-                )
-                self._forget(actor)
-                idle.append(self._replace(actor))
-                todo.insert(0, chunk)
+                self._lose(actor, "search", chunk, exc, on_event)
+                idle.append(self._new_spare())
+                if chunk[0] not in finished:  # else its results are in; TRAIN re-runs if needed
+                    todo.insert(0, chunk)
                 continue
             if on_event is not None:
                 on_event(event)
             if isinstance(event, StageDone):
+                finished.add(chunk[0])
                 for r in event.result:
                     self._holder[r.index] = actor
                     self._chunk_of[r.index] = chunk
@@ -267,26 +294,25 @@ class RayExecutor(Executor):
             try:
                 outcome = _stream_result(actor.train.remote(winner), on_event)
                 break
-            except _ACTOR_LOST:
+            except _ACTOR_LOST as exc:
+                self._lose(actor, "train", [winner], exc, on_event)
                 if attempt == self.cfg.max_retries:
                     raise
-                log.warning("the actor holding winner %d died; re-training its chunk", winner)
-                self._forget(actor)
-                self._actors.remove(actor)
         self._winner_actor, self._winner = actor, winner
         return outcome
 
     def quantize(self, on_event: EventCallback | None = None) -> QuantizedTask:
         if self._winner_actor is None or self._winner is None:
             raise RuntimeError("train() first")
-        try:
-            return _stream_result(self._winner_actor.quantize.remote(self._winner), on_event)
-        except _ACTOR_LOST:
-            log.warning("the winner's actor died before QUANTIZE; re-training it")
-            self._forget(self._winner_actor)
-            self._actors.remove(self._winner_actor)
-            self.train(self._winner)
-            return _stream_result(self._winner_actor.quantize.remote(self._winner), on_event)
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                return _stream_result(self._winner_actor.quantize.remote(self._winner), on_event)
+            except _ACTOR_LOST as exc:
+                self._lose(self._winner_actor, "quantize", [self._winner], exc, on_event)
+                if attempt == self.cfg.max_retries:
+                    raise
+                self.train(self._winner, on_event)
+        raise AssertionError("unreachable")
 
     def evaluate(
         self, store: PackedStore, request: EvalRequest, on_event: EventCallback | None = None
@@ -306,16 +332,26 @@ class RayExecutor(Executor):
             for j in sorted(needed - set(self._test_refs)):
                 self._test_refs[j] = ray.put(pack_split(self._stream.test_split(j)))
             tests = {j: self._test_refs[j] for j in needed}
-        for _ in range(self.cfg.max_retries + 1):
+        for attempt in range(self.cfg.max_retries + 1):
+            actor = self._evaluation_actor()
             try:
-                return _stream_result(
-                    self._evaluator.evaluate.remote(model_ref, request, tests), on_event
-                )
-            except _ACTOR_LOST:
-                log.warning("the evaluation actor died; evaluating on a new actor")
-                self._forget(self._evaluator)
-                self._replace(self._evaluator)
-        raise RuntimeError(f"EVALUATE of task {request.task}: every evaluation actor died")
+                return _stream_result(actor.evaluate.remote(model_ref, request, tests), on_event)
+            except _ACTOR_LOST as exc:
+                self._lose(actor, "evaluate", [], exc, on_event)
+                if attempt == self.cfg.max_retries:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _evaluation_actor(self) -> Any:
+        """The run's evaluation actor; after it died, the first live actor of the pool takes
+        over (a new one only when none is left: the pool already holds what the cluster
+        fits). The driver records which worker evaluated each task."""
+        if self._evaluator is None:
+            if not self._actors:
+                self._actors.append(self._new_actor())
+            self._evaluator = self._actors[0]
+            self._where(self._evaluator)
+        return self._evaluator
 
     def end_task(self) -> None:
         ray.get([a.end_task.remote() for a in self._actors])
@@ -327,7 +363,8 @@ class RayExecutor(Executor):
                 ray.kill(a)
             except Exception:
                 log.debug("actor already gone")
-        self._actors = []
+        self._actors, self._evaluator = [], None
+        self._stream_ref, self._data_ref, self._test_refs = None, None, {}
         if self._started:
             self._started = False
             ray.shutdown()

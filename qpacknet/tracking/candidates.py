@@ -54,13 +54,14 @@ class CandidateRuns:
         self.run_ids: dict[int, str] = {}
         self._search: dict[int, dict[int, tuple[float, float, float, float]]] = {}
         self._winner: int | None = None
+        self._train_logged: set[int] = set()
 
     def on_event(self, event: EpochEnded | StageDone) -> None:
         if event.task != self.task:
             return
         if isinstance(event, EpochEnded):
             self._epoch(event)
-        elif event.stage == "search":
+        elif isinstance(event, StageDone) and event.stage == "search":
             results, worker = list(event.result), dict(event.worker)
             epochs = {r.index: dict(self._search.get(r.index, {})) for r in results}
             self._bg.submit(lambda: self._log_search(event, results, worker, epochs))
@@ -68,7 +69,7 @@ class CandidateRuns:
     def _epoch(self, event: EpochEnded) -> None:
         rep = event.report
         if rep.stage == "search":
-            # keyed by epoch: a chunk re-run after a lost actor overwrites, never duplicates
+            # keyed by epoch: a chunk re-run after a lost actor overwrites its epochs
             for i, c in enumerate(event.candidates):
                 values = (float(rep.loss[i]), float(rep.val_acc[i]), float(rep.lr), event.ended_at)
                 self._search.setdefault(c, {})[rep.epoch] = values
@@ -126,8 +127,9 @@ class CandidateRuns:
         self, winner: int, epoch: int, values: tuple[float, float, float, float], first: bool
     ) -> None:
         run_id = self.run_ids.get(winner)
-        if run_id is None:
+        if run_id is None or epoch in self._train_logged:  # a TRAIN re-run repeats epochs
             return
+        self._train_logged.add(epoch)
         client = self.safe.client
         if first:
             self.safe.call("tagging the winner", client.set_tag, run_id, "qpacknet.winner", "true")
