@@ -11,14 +11,14 @@ import pytest
 import ray
 
 from qpacknet.cluster import RayExecutor
-from qpacknet.errors import CommitRefused
-from qpacknet.worker import FLIP_CODE_BIT_ENV, ULP_ENV
 from qpacknet.cluster.connect import keep_loopback
 from qpacknet.config import RunConfig
+from qpacknet.errors import CommitRefused
 from qpacknet.executor import LocalExecutor
 from qpacknet.pipeline import MODEL_FILE, Pipeline
 from qpacknet.progress import Progress
 from qpacknet.scenarios import PermutedDigits, TaskStream
+from qpacknet.worker import FLIP_CODE_BIT_ENV, ULP_ENV
 from tests.conftest import BlobStream, tiny_config
 
 FAULT_ENV = "QPACKNET_TEST_DIE_ONCE"

@@ -37,7 +37,7 @@ from qpacknet.cluster.transfer import pack_split, pack_splits
 from qpacknet.config import RunConfig
 from qpacknet.devices import DeviceError
 from qpacknet.evaluation import EvalRequest, Evaluation
-from qpacknet.events import EventCallback, StageDone, WorkerLost
+from qpacknet.events import EventCallback, StageDone, WorkerLost, drive
 from qpacknet.executor import Executor, chunks
 from qpacknet.scenarios.base import TaskStream
 from qpacknet.search import CandidateResult
@@ -371,15 +371,6 @@ class RayExecutor(Executor):
 
 
 def _stream_result(stream: Any, on_event: Callable[[Any], None] | None) -> Any:
-    """Drain one actor stage's streaming generator, passing each event on as it arrives;
-    the result of its final :class:`StageDone`."""
-    done: StageDone | None = None
-    for ref in stream:
-        event = ray.get(ref)
-        if on_event is not None:
-            on_event(event)
-        if isinstance(event, StageDone):
-            done = event
-    if done is None:
-        raise RuntimeError("a worker stage ended without reporting its result")
-    return done.result
+    """Drain one actor stage's streaming generator, passing each event on as it arrives
+    (:func:`~qpacknet.events.drive` over the fetched events); the stage's result."""
+    return drive((ray.get(ref) for ref in stream), on_event)
