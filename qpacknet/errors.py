@@ -33,5 +33,10 @@ class CommitRefused(QpacknetError):
     quantised; nothing was committed."""
 
 
+class ForgettingDetected(QpacknetError):
+    """An earlier task's test accuracy changed after a later commit: the method's promise
+    (BWT exactly 0) is broken, so the run stops."""
+
+
 class StoreError(QpacknetError):
     """A commit that would break the packed store's invariants (e.g. a word over 32 bits)."""

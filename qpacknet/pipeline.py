@@ -23,7 +23,13 @@ from qpacknet import __version__
 from qpacknet.checkpoint import check_same_config, load_checkpoint, save_checkpoint, truncate
 from qpacknet.config import RunConfig
 from qpacknet.devices import resolve_device
-from qpacknet.errors import CommitRefused, DataError, ModelFileError, UsageError
+from qpacknet.errors import (
+    CommitRefused,
+    DataError,
+    ForgettingDetected,
+    ModelFileError,
+    UsageError,
+)
 from qpacknet.evaluation import EvalRequest
 from qpacknet.events import (
     EpochEnded,
@@ -388,6 +394,7 @@ class Pipeline:
         stages.advance(Stage.EVALUATE)
         t0 = time.perf_counter()
         inference = self._evaluate(t, add_row=True, on_event=on_event)
+        self._check_promise(t)
         timer.seconds["evaluate"] = time.perf_counter() - t0
         stages.advance(Stage.DONE)
         cap = self.store.capacity()
@@ -423,6 +430,30 @@ class Pipeline:
                 f"{self.model_path} is unchanged"
             )
         self.store.save(self.model_path)
+
+    def _check_promise(self, t: int) -> None:
+        """Committed tasks are frozen (DESIGN.md §2 COMMIT), so R[t][j] must equal R[j][j]
+        bit for bit (BWT exactly 0); a change stops the run. Entries measured by another
+        evaluation worker (one died since) may differ by device rounding: said, not fatal."""
+        row, now = self.matrix.rows[t], self._log.stages.get("evaluate")
+        for j in range(t):
+            then = self.matrix.rows[j][j]
+            if row[j] == then:
+                continue
+            before = self.task_reports[j].get("ran_on", {}).get("evaluate")
+            if before is not None and before != now:
+                self.progress.line(
+                    f"task {t + 1}: test accuracy of task {j + 1} is {row[j]:.4f} now, "
+                    f"{then:.4f} at its commit; measured by another worker ({now} vs "
+                    f"{before}), so BWT is not exactly 0 for that reason alone"
+                )
+                continue
+            raise ForgettingDetected(
+                f"after task {t + 1}, task {j + 1}'s test accuracy is {row[j]!r}, but it was "
+                f"{then!r} when task {j + 1} was committed: an earlier task changed, which the "
+                "packed store must make impossible. The run stops; please report this with "
+                f"{self.model_path} and checkpoint.json"
+            )
 
     def _evaluate(
         self, t: int, add_row: bool, on_event: EventCallback | None = None

@@ -45,7 +45,7 @@ def kmeans_1d(values: torch.Tensor, bits: int, iters: int = 50) -> Codebook:
         centroids = uniq
     else:
         q = (torch.arange(n_centroids, dtype=torch.float64, device=v.device) + 0.5) / n_centroids
-        centroids = torch.unique(torch.quantile(sorted_v, q.to(sorted_v.device)))
+        centroids = torch.unique(sorted_quantiles(sorted_v, q))
         for _ in range(iters):
             codes = _assign(sorted_v, centroids)
             sums = torch.zeros_like(centroids).scatter_add_(0, codes, sorted_v)
@@ -61,6 +61,18 @@ def kmeans_1d(values: torch.Tensor, bits: int, iters: int = 50) -> Codebook:
         pad = c32[-1:].expand(n_centroids - c32.numel())
         c32 = torch.cat([c32, pad])
     return Codebook(c32.contiguous(), codes)
+
+
+def sorted_quantiles(sorted_v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``torch.quantile(sorted_v, q)`` (linear interpolation) for data already sorted, bit for
+    bit, without its 2**24-element limit: the ResNet-18 and a widened AlexNet have layers with
+    more weights than that (issue 11, point 5)."""
+    ranks = q.to(sorted_v.dtype) * (sorted_v.numel() - 1)
+    below = ranks.floor()
+    weight = ranks - below
+    below_i = below.long()
+    above_i = ranks.ceil().long()
+    return torch.lerp(sorted_v[below_i], sorted_v[above_i], weight)
 
 
 def _assign(v: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

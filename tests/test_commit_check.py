@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qpacknet.errors import CommitRefused
+from qpacknet.errors import CommitRefused, ForgettingDetected
 from qpacknet.pipeline import MODEL_FILE
 from qpacknet.store import PackedStore
 from qpacknet.worker import FLIP_CODE_BIT_ENV, ULP_ENV
@@ -75,3 +75,22 @@ def test_words_that_read_back_wrong_are_refused(
     with pytest.raises(CommitRefused, match=r"task 1: COMMIT refused: the packed words"):
         pipe.learn_task(0)
     assert not pipe.model_path.exists()
+
+
+def test_an_earlier_task_that_changes_stops_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run checks its own promise after every commit: R[t][j] == R[j][j] bit for bit."""
+    from qpacknet.model import PackedModel
+
+    original = PackedModel.accuracy
+
+    def drifting(self: PackedModel, task: int, split: object) -> float:
+        acc = original(self, task, split)  # type: ignore[arg-type]
+        return acc - 1.0 if task == 0 and self.store.num_tasks == 2 else acc
+
+    monkeypatch.setattr(PackedModel, "accuracy", drifting)
+    pipe = local_pipeline(tmp_path / "run", BlobStream(num_tasks=2))
+    pipe.learn_task(0)
+    with pytest.raises(ForgettingDetected, match=r"after task 2, task 1's test accuracy is"):
+        pipe.learn_task(1)

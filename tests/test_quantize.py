@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from qpacknet.quantize import dequantize, kmeans_1d, search_bit_width
+from qpacknet.quantize import dequantize, kmeans_1d, search_bit_width, sorted_quantiles
 
 
 def test_kmeans_exact_when_values_fit_the_codebook() -> None:
@@ -76,3 +77,26 @@ def test_dequantize_places_centroids_only_on_mask() -> None:
     dense = dequantize(books, masks, weights)
     assert torch.equal(dense["fc0"], weights["fc0"])
     assert torch.all(dense["fc0"][~masks["fc0"]] == 0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1001, 123_457])
+def test_sorted_quantiles_equal_torch_quantile_bit_for_bit(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    v = torch.randn(n, dtype=torch.float64, generator=g).sort().values
+    for bits in range(1, 9):
+        q = (torch.arange(1 << bits, dtype=torch.float64) + 0.5) / (1 << bits)
+        assert torch.equal(sorted_quantiles(v, q), torch.quantile(v, q))
+
+
+def test_kmeans_does_not_depend_on_torch_quantile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.quantile refuses more than 2**24 elements in the torch of the GPU machine (2.11;
+    2.14 lifted it), and a widened AlexNet has layers beyond that: k-means must not call it."""
+
+    def refuse(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("quantile() input tensor is too large")
+
+    monkeypatch.setattr(torch, "quantile", refuse)
+    values = torch.arange(1000, dtype=torch.float32) % 7
+    book = kmeans_1d(values, bits=2, iters=5)
+    assert book.codes.numel() == 1000 and book.centroids.numel() == 4
+    assert torch.equal(book.centroids[book.codes][:7], book.values()[:7])

@@ -1,0 +1,117 @@
+"""Each stage's contract, tested so that a plausible wrong implementation fails (issue 11,
+point 7): Algorithm 1's draw within [V_min, V_max] and the available weights, Xavier bounds,
+eq. 8's score on hand-computed numbers, TRAIN keeping its best epoch, and QUANTIZE's Q."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import qpacknet.train as train_module
+from qpacknet.config import SearchConfig, TrainConfig
+from qpacknet.events import drive
+from qpacknet.nets import build
+from qpacknet.scenarios import PermutedDigits
+from qpacknet.search import CandidateResult, draw_mask, scores, select_winner
+from qpacknet.train import fit
+from qpacknet.worker import CandidateWorker, TaskContext
+from tests.conftest import BlobStream, tiny_config
+from tests.helpers import all_available
+
+
+def test_drawn_masks_stay_in_the_sparsity_range_and_on_available_weights() -> None:
+    net = build(tiny_config().net, (12,), 4, 1)
+    g = torch.Generator().manual_seed(0)
+    available = {s.name: torch.rand(s.shape, generator=g) < 0.9 for s in net.layer_specs}
+    cfg = SearchConfig(v_min=0.45, v_max=0.85)
+    for c in range(40):
+        masks = draw_mask(net.layer_specs, available, cfg, 3, 1, c)
+        for spec in net.layer_specs:
+            m = masks[spec.name]
+            assert not (m & ~available[spec.name]).any(), "owns a weight that is not available"
+            density = int(m.sum()) / spec.numel
+            lo = 1 - cfg.v_max - 1 / spec.numel
+            assert lo <= density <= 1 - cfg.v_min + 1 / spec.numel, (c, spec.name, density)
+
+
+def test_fresh_weights_are_xavier_uniform() -> None:
+    """Bound sqrt(6 / (fan_in + fan_out)): every weight inside it, the spread of a uniform."""
+    net = build(tiny_config(net={"hidden": [64, 64]}).net, (96,), 4, 2)
+    net.init_candidates(seed=1, task=0, candidates=[0, 1])
+    for spec in net.layer_specs:
+        fan_out, fan_in = spec.shape[0], int(torch.tensor(spec.shape[1:]).prod())
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        w = net.theta(spec.name).detach()
+        assert w.abs().max() <= bound
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3.0), rel=0.05)
+
+
+def test_score_on_hand_computed_numbers() -> None:
+    """α = 0.9, β = 0.1: A = (80, 100), Υ = (0.9, 0.5): scores 0.9·0.8 + 0.1·1 = 0.82 and
+    0.9·1 + 0.1·0.5/0.9 = 0.9556; raise β to 0.5 and the sparser candidate wins (0.9 vs 0.78)."""
+    a = CandidateResult(0, 80.0, 0.9, {})
+    b = CandidateResult(1, 100.0, 0.5, {})
+    assert scores([a, b], 0.9, 0.1) == pytest.approx([0.82, 0.9 + 0.05 / 0.9], abs=1e-12)
+    assert scores([a, b], 0.5, 0.5) == pytest.approx([0.9, 0.5 + 0.25 / 0.9], abs=1e-12)
+    assert select_winner([a, b], 0.9, 0.1) == 1
+    assert select_winner([a, b], 0.5, 0.5) == 0
+    tie = CandidateResult(2, 100.0, 0.5, {})
+    assert select_winner([tie, b], 0.9, 0.1) == 1, "ties go to the lower index"
+
+
+def test_train_keeps_the_best_validation_epoch_not_the_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scripted validation accuracies 50, 90, 70: fit returns 90 and the weights after epoch
+    2, not those after epoch 3."""
+    stream = BlobStream(num_tasks=1)
+    net = build(tiny_config().net, stream.input_shape, stream.num_classes, 1)
+    net.init_candidates(1, 0, [0])
+    net.set_masks([all_available(net.layer_specs)])
+    script = iter([50.0, 90.0, 70.0])
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    def scripted(net_: object, split: object, batch_size: int) -> list[float]:
+        snapshots.append({k: v.clone() for k, v in net.state_dict().items()})
+        return [next(script)]
+
+    monkeypatch.setattr(train_module, "evaluate", scripted)
+    task = stream.task(0)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, lr_min=0.001)
+    accs = fit(
+        net,
+        task.train,
+        task.val,
+        cfg,
+        seed=1,
+        task=0,
+        stage="train",
+        epochs=3,
+        schedule=True,
+        keep_best=True,
+    )
+    assert accs == [90.0]
+    final = net.state_dict()
+    assert all(torch.equal(final[k], snapshots[1][k]) for k in final)
+    assert not all(torch.equal(final[k], snapshots[2][k]) for k in final)
+
+
+def test_quantize_measures_against_trains_best_accuracy() -> None:
+    """Q (Algorithm 3's reference) is TRAIN's best validation accuracy, and the codes cover
+    exactly the owned weights."""
+    stream = PermutedDigits(num_tasks=1, seed=3)
+    cfg = tiny_config()
+    specs = build(cfg.net, stream.input_shape, stream.num_classes, 1).layer_specs
+    available = all_available(specs)
+    ctx = TaskContext(cfg, 0, stream.input_shape, stream.num_classes, available)
+    worker = CandidateWorker(ctx, *stream.fit_splits(0))
+    drive(worker.search([0, 1]), None)
+    outcome = drive(worker.train(1), None)
+    assert outcome.float_acc < 100.0, "a reference of 100 % would not tell Q apart"
+    q = drive(worker.quantize(), None)
+    assert q.float_acc == outcome.float_acc
+    assert q.tried[-1] == (q.bit_width, q.quant_acc)
+    for name, mask in q.masks.items():
+        assert q.codes[name].numel() == int(mask.sum())
