@@ -48,9 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     tune = sub.add_parser(
         "tune",
-        help="tune the method's settings with Ray Tune (ASHA on ACC, Pareto table)",
+        help="tune the method's settings with Ray Tune (ASHA and Pareto table on validation ACC)",
         description="Each trial is a whole run of the base settings with sampled values; "
-        "the finished trials' ACC vs capacity trade-off is printed as a Pareto table.",
+        "the finished trials' validation ACC vs capacity trade-off is printed as a Pareto table "
+        "(test ACC beside it, never used to choose).",
     )
     base = tune.add_mutually_exclusive_group(required=True)
     base.add_argument("--preset", help="base settings: a shipped preset")
@@ -307,7 +308,8 @@ def _summary(results: dict[str, Any], pipeline: Any, out: Path) -> None:
     bits = " ".join(str(t["bit_width"]) for t in results["tasks"])
     tp = results["throughput"]
     print(
-        f"ACC {results['acc']:.2f}%  BWT {results['bwt']:.2f}  "
+        f"ACC {results['acc']:.2f}% (validation {results['val_acc']:.2f}%)  "
+        f"BWT {results['bwt']:.2f}  "
         f"capacity {results['capacity_pct']:.2f}% (+ heads {results['heads_pct']:.2f}%)  "
         f"bits per task: {bits}"
     )

@@ -26,8 +26,9 @@ from qpacknet.worker import perturbed
 
 @dataclass(frozen=True)
 class EvalRequest:
-    """Evaluate after task ``task`` was committed: test accuracy of tasks ``0..task`` (the
-    row R[task]) and the missing task-inference ``pairs`` (sub-network i, test task j)."""
+    """Evaluate after task ``task`` was committed: test and validation accuracy of tasks
+    ``0..task`` (the rows R[task] of both matrices) and the missing task-inference ``pairs``
+    (sub-network i, test task j)."""
 
     task: int
     pairs: tuple[tuple[int, int], ...] = ()
@@ -35,17 +36,21 @@ class EvalRequest:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """What EVALUATE reports: the row, and per pair the entropies and correctness flags."""
+    """What EVALUATE reports: the test row, the validation row (what selection may use:
+    DESIGN.md §2, test data is for reports only), and per pair the entropies and
+    correctness flags."""
 
     task: int
     row: list[float]
     pairs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
+    val_row: list[float]
 
 
 def evaluate_stage(
     store: PackedStore,
     request: EvalRequest,
     test_split: Callable[[int], Split],
+    val_split: Callable[[int], Split],
     device: str,
     batch_size: int,
     where: dict[str, Any],
@@ -67,5 +72,8 @@ def evaluate_stage(
         for i, jj in request.pairs:
             if jj == j:
                 pairs[(i, j)] = pair_stats(model.split_logits(i, split), split.y)
-    result = Evaluation(request.task, row, pairs)
+    val_row = [
+        perturbed(model.accuracy(j, val_split(j).to(device))) for j in range(request.task + 1)
+    ]
+    result = Evaluation(request.task, row, pairs, val_row)
     yield StageDone("evaluate", request.task, (), result, started, time.time(), where)

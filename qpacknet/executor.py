@@ -165,8 +165,9 @@ class LocalExecutor(Executor):
         if self._stream is None or self._device is None or self._config is None:
             raise RuntimeError("begin_run() first")
         batch = self._config.train.eval_batch_size
+        stream = self._stream
         stage = evaluate_stage(
-            store, request, self._stream.test_split, self._device, batch, self._where
+            store, request, stream.test_split, stream.val_split, self._device, batch, self._where
         )
         return drive(stage, on_event)
 

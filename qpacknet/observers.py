@@ -37,6 +37,7 @@ class TaskCommitted:
     num_tasks: int
     row: list[float]
     acc: float
+    val_acc: float
     bwt: float
     capacity_pct: float
     report: dict[str, Any]

@@ -134,6 +134,8 @@ class Pipeline:
         self._log = _TaskLog()
         self._begun = False
         self.matrix = AccuracyMatrix()
+        self.val_matrix = AccuracyMatrix()
+        self._last_val_row: list[float] | None = None
         self.inference = TaskInference()
         self.inference_figures: InferenceFigures | None = None
         self.task_reports: list[dict[str, Any]] = []
@@ -200,6 +202,7 @@ class Pipeline:
             num_tasks=num_tasks,
             row=list(self.matrix.rows[t]),
             acc=self.matrix.acc,
+            val_acc=self.val_matrix.acc,
             bwt=self.matrix.bwt,
             capacity_pct=self.store.capacity().capacity_pct,
             report=self.task_reports[t],
@@ -227,6 +230,11 @@ class Pipeline:
         self._check_same_backbone(loaded.meta)
         self.store = truncate(loaded, len(state["tasks"]))
         self.matrix.rows = [list(r) for r in state["matrix"]]
+        # checkpoints from before validation rows were kept have none for their tasks
+        saved_val = state.get("val_matrix") or []
+        self.val_matrix.rows = [list(r) for r in saved_val] + [
+            [None] * (i + 1) for i in range(len(saved_val), len(self.matrix.rows))
+        ]
         self.task_reports = list(state["tasks"])
         self.workers = dict(state.get("workers", {}))
         t = state["totals"]
@@ -257,6 +265,7 @@ class Pipeline:
             {
                 "config": self.config.model_dump(mode="json"),
                 "matrix": self.matrix.rows,
+                "val_matrix": self.val_matrix.rows,
                 "tasks": self.task_reports,
                 "workers": self.workers,
                 "seconds": self._seconds_before + seconds,
@@ -464,8 +473,12 @@ class Pipeline:
         ev = self.executor.evaluate(self.store, request, on_event)
         if ev.task != t or len(ev.row) != t + 1 or set(ev.pairs) != set(request.pairs):
             raise RuntimeError(f"EVALUATE returned a result for another request (task {t + 1})")
+        if len(ev.val_row) != t + 1:
+            raise RuntimeError(f"EVALUATE returned {len(ev.val_row)} validation accuracies")
         if add_row:
             self.matrix.add_row(lambda j: ev.row[j])
+            self.val_matrix.add_row(lambda j: ev.val_row[j])
+        self._last_val_row = list(ev.val_row)
         self.inference.add(ev.pairs)
         return self.inference.figures(t + 1)
 
@@ -543,6 +556,12 @@ class Pipeline:
             }
         )
 
+    def _val_acc(self) -> float:
+        """Mean validation accuracy of the final row, from the packed model: what tuning and
+        any choice of settings may look at (test accuracy is reported, never used)."""
+        row = self._last_val_row or (self.val_matrix.rows[-1] if self.val_matrix.rows else [])
+        return sum(row) / len(row) if row else math.nan
+
     def _evaluators(self) -> dict[str, list[int]]:
         """Which worker evaluated which task's row (one entry unless an evaluation actor died
         or the run was resumed elsewhere: then rows come from several devices)."""
@@ -577,6 +596,8 @@ class Pipeline:
             "executor": self.executor.name,
             "accuracy_matrix": self.matrix.rows,
             "acc": self.matrix.acc,
+            "val_accuracy_matrix": self.val_matrix.rows,
+            "val_acc": self._val_acc(),
             "bwt": self.matrix.bwt,
             "capacity_pct": cap.capacity_pct,
             "heads_pct": cap.heads_pct,

@@ -151,3 +151,18 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "checkpoint.json").write_text('{"format": "qpacknet-checkpoint", "vers')
     with pytest.raises(ModelFileError, match=r"checkpoint\.json is damaged"):
         local_pipeline(tmp_path, BlobStream(num_tasks=1)).run()
+
+
+def test_validation_matrix_is_reevaluated_from_the_packed_model(tmp_path: Path) -> None:
+    """``val_accuracy_matrix``/``val_acc`` (what tuning ranks on) come from the packed model,
+    like the test matrix: the saved file reproduces the last row on the validation splits."""
+    stream = BlobStream(num_tasks=3, seed=5)
+    res = local_pipeline(tmp_path, stream).run()
+    rows = res["val_accuracy_matrix"]
+    assert [len(r) for r in rows] == [1, 2, 3]
+    assert all(rows[i][j] == rows[j][j] for i in range(3) for j in range(i + 1))
+    model = PackedModel.load(tmp_path / MODEL_FILE)
+    last = [model.accuracy(j, stream.val_split(j)) for j in range(3)]
+    assert rows[-1] == last
+    assert res["val_acc"] == sum(last) / 3
+    assert "val_acc" in res and res["acc"] == sum(res["accuracy_matrix"][-1]) / 3

@@ -68,14 +68,16 @@ def test_two_trial_search_retries_a_failed_trial_and_restores(
     # the retried trial resumed from its checkpoint: task 1 then task 2, each reported once
     assert [(r["training_iteration"], r["task"]) for r in first] == [(1, 1), (2, 2)]
     assert [(r["training_iteration"], r["task"]) for r in second] == [(1, 1)]
-    assert second[0]["acc"] < first[0]["acc"]
+    assert second[0]["val_acc"] < first[0]["val_acc"]
     assert "1 trials finished, 1 stopped early by ASHA, 0 failed." in out
     assert "stopped by ASHA after 1 tasks" in out
     table = out[out.index("Pareto front") :].splitlines()[1:]
-    assert table[0].split()[:3] == ["trial", "ACC", "%"]
+    assert table[0].split()[:4] == ["trial", "val", "ACC", "%"]
+    assert "test ACC %" in table[0]
     assert "search.alpha" in table[0] and "train.lr" in table[0]
     assert len(table) == 3, "one finished trial: header, rule, one row"
-    assert f"{first[-1]['acc']:.2f}" in "\n".join(table[2:])
+    row = table[2].split()
+    assert row[1] == f"{first[-1]['val_acc']:.2f}" and row[3] == f"{first[-1]['acc']:.2f}"
     assert not ray.is_initialized(), "the embedded Ray instance must be shut down"
 
     rc = main(["tune", "--resume", "--name", "exp", "--storage", str(storage)])

@@ -91,9 +91,18 @@ def test_pareto_front_keeps_only_undominated_trials() -> None:
     assert [p.trial_id for p in pareto_front(pts)] == ["b", "a", "e"]
     table = pareto_table(pts)
     lines = table.splitlines()
-    assert lines[0].split()[:3] == ["trial", "ACC", "%"]
+    assert lines[0].split()[:4] == ["trial", "val", "ACC", "%"]
     assert [ln.split()[0] for ln in lines[2:]] == ["b", "a", "e"]
     assert pareto_table([]) == "(no finished trials)"
+
+
+def test_test_accuracy_never_ranks_trials() -> None:
+    """A trial with the better *test* accuracy but the worse validation accuracy at the same
+    capacity is dominated: tuning chooses on validation data only."""
+    val_best = TrialPoint("v", 92.0, 10.0, 3, {}, test_acc=80.0)
+    test_best = TrialPoint("t", 90.0, 10.0, 3, {}, test_acc=99.0)
+    assert [p.trial_id for p in pareto_front([test_best, val_best])] == ["v"]
+    assert "80.00" in pareto_table([test_best, val_best])
 
 
 def test_equal_points_are_both_on_the_front() -> None:

@@ -99,7 +99,11 @@ class CandidateActor:
         yield from self._holder(winner).quantize()
 
     def evaluate(
-        self, model: bytes, request: EvalRequest, tests: dict[int, Any] | None
+        self,
+        model: bytes,
+        request: EvalRequest,
+        tests: dict[int, Any] | None,
+        vals: dict[int, Any] | None = None,
     ) -> Iterator[Event]:
         """EVALUATE on this actor's device from ``model``, the packed model file's bytes
         (loaded with all of its checks). Test splits come from the run's stream, or (for
@@ -120,8 +124,15 @@ class CandidateActor:
                 raise RuntimeError("evaluate() needs the run's stream or the test splits")
             return self._stream.test_split(j)
 
+        def val_split(j: int) -> Split:
+            if vals is not None:
+                return unpack_split(ray.get(vals[j]))
+            if self._stream is None:
+                raise RuntimeError("evaluate() needs the run's stream or the validation splits")
+            return self._stream.val_split(j)
+
         yield from evaluate_stage(
-            store, request, test_split, self.device, self.batch_size, self.where
+            store, request, test_split, val_split, self.device, self.batch_size, self.where
         )
 
     def end_task(self) -> None:

@@ -73,6 +73,7 @@ class RayExecutor(Executor):
         self._stream_ref: Any = None
         self._data_ref: Any = None
         self._test_refs: dict[int, Any] = {}
+        self._val_refs: dict[int, Any] = {}
         self._holder: dict[int, Any] = {}
         self._chunk_of: dict[int, list[int]] = {}
         self._winner_actor: Any = None
@@ -324,18 +325,24 @@ class RayExecutor(Executor):
             path = Path(tmp) / "model.qpk"
             store.save(path)
             model_ref = ray.put(path.read_bytes())
-        tests = None
+        tests = vals = None
         if self._stream_ref is None:
             if self._stream is None:
                 raise RuntimeError("begin_run() first")
             needed = {j for _, j in request.pairs} | set(range(request.task + 1))
             for j in sorted(needed - set(self._test_refs)):
                 self._test_refs[j] = ray.put(pack_split(self._stream.test_split(j)))
+            for j in range(request.task + 1):
+                if j not in self._val_refs:
+                    self._val_refs[j] = ray.put(pack_split(self._stream.val_split(j)))
             tests = {j: self._test_refs[j] for j in needed}
+            vals = {j: self._val_refs[j] for j in range(request.task + 1)}
         for attempt in range(self.cfg.max_retries + 1):
             actor = self._evaluation_actor()
             try:
-                return _stream_result(actor.evaluate.remote(model_ref, request, tests), on_event)
+                return _stream_result(
+                    actor.evaluate.remote(model_ref, request, tests, vals), on_event
+                )
             except _ACTOR_LOST as exc:
                 self._lose(actor, "evaluate", [], exc, on_event)
                 if attempt == self.cfg.max_retries:
@@ -364,7 +371,7 @@ class RayExecutor(Executor):
             except Exception:
                 log.debug("actor already gone")
         self._actors, self._evaluator = [], None
-        self._stream_ref, self._data_ref, self._test_refs = None, None, {}
+        self._stream_ref, self._data_ref, self._test_refs, self._val_refs = None, None, {}, {}
         if self._started:
             self._started = False
             ray.shutdown()

@@ -79,8 +79,10 @@ class TuneSpec(_Strict):
     """A Tune search over whole (short) scenario runs, one trial per sampled config."""
 
     num_samples: int = Field(8, ge=1, description="trials to run")
-    metric: Literal["acc"] = Field(
-        "acc", description="ASHA compares trials on this, after each task"
+    metric: Literal["val_acc"] = Field(
+        "val_acc",
+        description="ASHA compares trials on this after each task: the mean validation "
+        "accuracy of the packed model (test accuracy is reported, never used to choose)",
     )
     grace_period: int = Field(
         1, ge=1, description="tasks every trial runs before it can be stopped"

@@ -29,7 +29,8 @@ class TuneReporter(RunObserver):
         from ray import tune
 
         metrics = {
-            "acc": event.acc,
+            "val_acc": event.val_acc,
+            "acc": event.acc,  # test accuracy: reported beside, never used to choose
             "bwt": event.bwt,
             "capacity_pct": event.capacity_pct,
             "task": event.task + 1,
