@@ -5,6 +5,7 @@ eq. 8's score on hand-computed numbers, TRAIN keeping its best epoch, and QUANTI
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from qpacknet.search import CandidateResult, draw_mask, scores, select_winner
 from qpacknet.train import fit
 from qpacknet.worker import CandidateWorker, TaskContext
 from tests.conftest import BlobStream, tiny_config
-from tests.helpers import all_available
+from tests.helpers import all_available, local_pipeline
 
 
 def test_drawn_masks_stay_in_the_sparsity_range_and_on_available_weights() -> None:
@@ -115,3 +116,21 @@ def test_quantize_measures_against_trains_best_accuracy() -> None:
     assert q.tried[-1] == (q.bit_width, q.quant_acc)
     for name, mask in q.masks.items():
         assert q.codes[name].numel() == int(mask.sum())
+
+
+def test_quantize_leaves_shared_weights_to_their_owner(tmp_path: Path) -> None:
+    """With weight sharing, QUANTIZE codes only the task's own weights: a shared weight keeps
+    the first component's value (its owner's codebook), never a re-quantised one."""
+    from qpacknet.pipeline import MODEL_FILE
+    from qpacknet.store import PackedStore
+
+    local_pipeline(tmp_path, BlobStream(num_tasks=2), sharing={"enabled": True}).run()
+    store = PackedStore.load(tmp_path / MODEL_FILE)
+    parts, first = store.parts(1), store.first_values()
+    assert parts.shared is not None and any(m.any() for m in parts.shared.values())
+    decoded = store.decode(1)
+    for name, shared in parts.shared.items():
+        assert not (shared & parts.masks[name]).any()
+        assert parts.codes[name].numel() == int(parts.masks[name].sum())
+        assert torch.equal(decoded[name][shared], first[name][shared])
+        assert torch.equal(first[name][shared], store.decode(0)[name][shared])
