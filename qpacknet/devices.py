@@ -118,7 +118,7 @@ def configure(device: str, allow_tf32: bool, *, warn_only: bool = False) -> dict
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU's marketing name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
     try:
         with open(_CPUINFO, encoding="utf-8", errors="replace") as f:
@@ -137,7 +137,7 @@ def describe(device: str, node_id: str | None = None) -> dict[str, Any]:
     cuda = device.startswith("cuda")
     return {
         "device": "cuda" if cuda else "cpu",
-        "device_name": torch.cuda.get_device_name() if cuda else _cpu_model(),
+        "device_name": torch.cuda.get_device_name() if cuda else cpu_model(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "node_id": node_id,

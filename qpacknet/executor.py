@@ -68,8 +68,8 @@ class Executor(ABC):
     def evaluate(
         self, store: PackedStore, request: EvalRequest, on_event: EventCallback | None = None
     ) -> Evaluation:
-        """The accuracy-matrix row and task-inference pairs from ``store``, on the run's one
-        evaluation device (:attr:`evaluator`)."""
+        """The test and validation rows and the task-inference pairs from ``store``, on the
+        run's evaluation worker (the driver records which one evaluated each row)."""
 
     @abstractmethod
     def end_task(self) -> None: ...

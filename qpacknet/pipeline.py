@@ -22,7 +22,7 @@ import yaml
 from qpacknet import __version__
 from qpacknet.checkpoint import check_same_config, load_checkpoint, save_checkpoint, truncate
 from qpacknet.config import RunConfig
-from qpacknet.devices import resolve_device
+from qpacknet.devices import cpu_model, resolve_device
 from qpacknet.errors import (
     CommitRefused,
     DataError,
@@ -57,20 +57,10 @@ from qpacknet.worker import QuantizedTask, TaskContext
 __all__ = ["CONFIG_FILE", "MODEL_FILE", "RESULTS_FILE", "Pipeline", "hardware", "resolve_device"]
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def hardware(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),
-        "processor": _cpu_model(),
+        "processor": cpu_model(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
