@@ -473,11 +473,13 @@ class Pipeline:
         return self.inference.figures(t + 1)
 
     def _sharing(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
-        """What a new task may share (TinySubNets option): the claimed weights and their
-        first-component values; ``(None, None)`` when sharing is off or nothing is claimed."""
-        if not self.config.sharing.enabled or self.store.num_tasks == 0:
+        """The committed tasks' weights (Υ, eqs. 6-7, counts a candidate together with them;
+        sharing draws from them) and, with sharing on, their first-component values;
+        ``(None, None)`` before the first task."""
+        if self.store.num_tasks == 0:
             return None, None
-        return self.store.claimed(), self.store.first_values()
+        frozen = self.store.first_values() if self.config.sharing.enabled else None
+        return self.store.claimed(), frozen
 
     def _check_search(self, results: list[CandidateResult]) -> None:
         expected = list(range(self.config.search.population))

@@ -62,12 +62,22 @@ def draw_shared(
     return shared
 
 
-def weighted_sparsity(masks: dict[str, torch.Tensor]) -> float:
-    """Υ (eqs. 6-7): the layer sparsities weighted by layer size, i.e. the fraction of all
-    prunable weights the candidate does not own."""
+def weighted_sparsity(
+    masks: dict[str, torch.Tensor], assigned: dict[str, torch.Tensor] | None = None
+) -> float:
+    """Υ (eqs. 6-7): the size-weighted fraction of prunable weights that would still belong
+    to no task if this candidate were committed, i.e. ``1 - |assigned ∪ M_i| / |θ|`` summed
+    over layers. ``assigned`` is every committed task's mask (:meth:`PackedStore.claimed`;
+    None before the first task). A candidate that reuses weights earlier tasks already own
+    (their words have room for another component) therefore scores as sparser than one that
+    takes fresh weights, which the paper's reading rewards and the candidate's own sparsity
+    alone would not see."""
     total = sum(m.numel() for m in masks.values())
-    owned = sum(int(m.sum()) for m in masks.values())
-    return 1.0 - owned / total
+    if assigned is None:
+        used = sum(int(m.sum()) for m in masks.values())
+    else:
+        used = sum(int((m.cpu() | assigned[k].cpu()).sum()) for k, m in masks.items())
+    return 1.0 - used / total
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,10 @@ from qpacknet.train import EpochReport, evaluate, fit_epochs
 
 @dataclass(frozen=True)
 class TaskContext:
-    """Everything about a task a worker needs besides its data (picklable). With weight
-    sharing, ``claimed`` and ``frozen`` are the store's :meth:`~PackedStore.claimed` and
-    :meth:`~PackedStore.first_values` (None otherwise, and for the first task)."""
+    """Everything about a task a worker needs besides its data (picklable). ``claimed`` is
+    the store's :meth:`~PackedStore.claimed` (every committed task's weights; None for the
+    first task): Υ (eqs. 6-7) counts a candidate's weights together with it. With weight
+    sharing, ``frozen`` is :meth:`~PackedStore.first_values` (None otherwise)."""
 
     config: RunConfig
     task: int
@@ -196,7 +197,7 @@ class CandidateWorker:
             CandidateResult(
                 index=c,
                 acc=acc,
-                sparsity=weighted_sparsity(m),
+                sparsity=weighted_sparsity(m, self.ctx.claimed),
                 density={k: float(v.float().mean()) for k, v in m.items()},
                 shared=_shared_fraction(net, i),
             )

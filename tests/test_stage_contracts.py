@@ -15,7 +15,13 @@ from qpacknet.config import SearchConfig, TrainConfig
 from qpacknet.events import drive
 from qpacknet.nets import build
 from qpacknet.scenarios import PermutedDigits
-from qpacknet.search import CandidateResult, draw_mask, scores, select_winner
+from qpacknet.search import (
+    CandidateResult,
+    draw_mask,
+    scores,
+    select_winner,
+    weighted_sparsity,
+)
 from qpacknet.train import fit
 from qpacknet.worker import CandidateWorker, TaskContext
 from tests.conftest import BlobStream, tiny_config
@@ -60,6 +66,51 @@ def test_score_on_hand_computed_numbers() -> None:
     assert select_winner([a, b], 0.5, 0.5) == 0
     tie = CandidateResult(2, 100.0, 0.5, {})
     assert select_winner([tie, b], 0.9, 0.1) == 1, "ties go to the lower index"
+
+
+def test_upsilon_counts_the_union_with_earlier_tasks_and_changes_the_winner() -> None:
+    """Eqs. 6-7 on a 10-weight layer whose weights 0-4 an earlier task owns. Candidate A
+    takes 3 of those (its words have room), B takes 2 fresh ones. Own-weights reading:
+    Υ = 0.7 and 0.8; the paper's (unassigned after commit): 1 - 5/10 = 0.5 and 1 - 7/10 = 0.3.
+    With A = 90.0, B = 90.5, α = 0.9, β = 0.1 the own reading picks B
+    (0.9·90/90.5 + 0.1·0.7/0.8 = 0.9825 < 1.0) and the paper's picks A
+    (0.9·90/90.5 + 0.1·1 = 0.9950 > 0.9 + 0.1·0.3/0.5 = 0.96)."""
+    claimed = {"w": torch.tensor([True] * 5 + [False] * 5)}
+    a = {"w": torch.tensor([True] * 3 + [False] * 7)}
+    b = {"w": torch.tensor([False] * 5 + [True] * 2 + [False] * 3)}
+    assert weighted_sparsity(a) == pytest.approx(0.7) and weighted_sparsity(b) == 0.8
+    assert weighted_sparsity(a, claimed) == 0.5
+    assert weighted_sparsity(b, claimed) == pytest.approx(0.3)
+    own = [CandidateResult(0, 90.0, 0.7, {}), CandidateResult(1, 90.5, 0.8, {})]
+    paper = [CandidateResult(0, 90.0, 0.5, {}), CandidateResult(1, 90.5, 0.3, {})]
+    assert scores(paper, 0.9, 0.1) == pytest.approx([0.9 * 90 / 90.5 + 0.1, 0.96], abs=1e-12)
+    assert select_winner(own, 0.9, 0.1) == 1
+    assert select_winner(paper, 0.9, 0.1) == 0
+    two_layers = {"w": a["w"], "v": torch.tensor([True, False])}
+    with_v = {"w": claimed["w"], "v": torch.tensor([False, True])}
+    assert weighted_sparsity(two_layers, with_v) == 1 - 7 / 12, "weighted by layer size"
+
+
+def test_search_reports_upsilon_over_all_tasks_assignments() -> None:
+    """A worker's SEARCH of a second task scores Υ = 1 - |claimed ∪ M_i| / |θ| from the
+    committed tasks' weights it was given, not the candidate's own sparsity."""
+    stream = PermutedDigits(num_tasks=1, seed=3)
+    cfg = tiny_config()
+    specs = build(cfg.net, stream.input_shape, stream.num_classes, 1).layer_specs
+    g = torch.Generator().manual_seed(5)
+    claimed = {s.name: torch.rand(s.shape, generator=g) < 0.4 for s in specs}
+    ctx = TaskContext(
+        cfg, 1, stream.input_shape, stream.num_classes, all_available(specs), claimed=claimed
+    )
+    worker = CandidateWorker(ctx, *stream.fit_splits(0))
+    results = drive(worker.search([0, 1, 2]), None)
+    total = sum(s.numel for s in specs)
+    for r, c in zip(results, [0, 1, 2], strict=True):
+        masks = draw_mask(specs, all_available(specs), cfg.search, cfg.seed, 1, c)
+        union = sum(int((masks[s.name] | claimed[s.name]).sum()) for s in specs)
+        own = sum(int(masks[s.name].sum()) for s in specs)
+        assert r.sparsity == 1 - union / total
+        assert r.sparsity < 1 - own / total
 
 
 def test_train_keeps_the_best_validation_epoch_not_the_last(
