@@ -448,11 +448,11 @@ def check_run(
 
     from qpacknet.layout import MODEL_FILE
     from qpacknet.model import PackedModel
-    from qpacknet.store import PackedStore
+    from qpacknet.store import load_store
 
     model_file = out / MODEL_FILE
     batch = res["config"]["train"]["eval_batch_size"]
-    model = PackedModel(PackedStore.load(model_file), ctx.device, batch)
+    model = PackedModel(load_store(model_file), ctx.device, batch)
     again = [model.accuracy(j, stream.test_split(j)) for j in range(model.num_tasks)]
     rep.check(
         f"{label}_model_reload",

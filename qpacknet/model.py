@@ -14,7 +14,7 @@ import torch
 
 from qpacknet.nets import PopulationNet, build_from_meta
 from qpacknet.scenarios.base import Split
-from qpacknet.store import PackedStore
+from qpacknet.store import PackedStore, load_store
 from qpacknet.train import evaluate, logits_of
 
 
@@ -31,7 +31,7 @@ class PackedModel:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> PackedModel:
-        return cls(PackedStore.load(path), device)
+        return cls(load_store(path), device)
 
     @property
     def num_tasks(self) -> int:

@@ -50,7 +50,7 @@ from qpacknet.progress import Progress
 from qpacknet.scenarios.base import TaskStream
 from qpacknet.search import CandidateResult, scores, select_winner
 from qpacknet.stages import Stage, TaskStages
-from qpacknet.store import PackedStore
+from qpacknet.store import PackedStore, capacity, load_store, save_store
 from qpacknet.store.capacity import TaskCapacity
 from qpacknet.worker import QuantizedTask, TaskContext
 
@@ -194,7 +194,7 @@ class Pipeline:
             acc=self.matrix.acc,
             val_acc=self.val_matrix.acc,
             bwt=self.matrix.bwt,
-            capacity_pct=self.store.capacity().capacity_pct,
+            capacity_pct=capacity(self.store).capacity_pct,
             report=self.task_reports[t],
             out_dir=self.out_dir,
         )
@@ -216,7 +216,7 @@ class Pipeline:
             raise ModelFileError(
                 f"{self.out_dir} has a checkpoint but no {MODEL_FILE}; use a new --out"
             )
-        loaded = PackedStore.load(self.model_path)
+        loaded = load_store(self.model_path)
         self._check_same_backbone(loaded.meta)
         self.store = truncate(loaded, len(state["tasks"]))
         self.matrix.rows = [list(r) for r in state["matrix"]]
@@ -396,7 +396,7 @@ class Pipeline:
         self._check_promise(t)
         timer.seconds["evaluate"] = time.perf_counter() - t0
         stages.advance(Stage.DONE)
-        cap = self.store.capacity()
+        cap = capacity(self.store)
         self.progress.task_done(t, self.matrix.rows[t], cap.capacity_pct)
         self.progress.task_inference(t, inference)
         self.inference_figures = inference
@@ -428,7 +428,7 @@ class Pipeline:
                 f"{stored[:16]}, not the quantised task's {q.digest[:16]} (a packing bug); "
                 f"{self.model_path} is unchanged"
             )
-        self.store.save(self.model_path)
+        save_store(self.store, self.model_path)
 
     def _check_promise(self, t: int) -> None:
         """Committed tasks are frozen (DESIGN.md §2 COMMIT), so R[t][j] must equal R[j][j]
@@ -577,7 +577,7 @@ class Pipeline:
         }
 
     def _results(self, seconds_total: float) -> dict[str, Any]:
-        cap = self.store.capacity()
+        cap = capacity(self.store)
         tot = self.totals
         parallel = tot.seconds.get("search", 0.0) + tot.seconds.get("train", 0.0)
         lat = sorted(self.latencies)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from qpacknet.config import SearchConfig, SharingConfig
+from qpacknet.layerspec import LayerSpec
 from qpacknet.seeding import generator
-from qpacknet.store import LayerSpec
 
 
 def draw_mask(

@@ -15,12 +15,12 @@ import torch
 from qpacknet.cli import main
 from qpacknet.config import RunConfig, TrainConfig
 from qpacknet.executor import LocalExecutor
+from qpacknet.layerspec import LayerSpec
 from qpacknet.model import PackedModel
 from qpacknet.nets import PopulationNet
 from qpacknet.pipeline import MODEL_FILE, Pipeline
 from qpacknet.progress import Progress
 from qpacknet.scenarios.base import Split, TaskStream
-from qpacknet.store import LayerSpec
 from qpacknet.train import EpochReport, fit
 from qpacknet.worker import TaskContext
 from tests.conftest import tiny_config

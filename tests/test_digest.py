@@ -14,7 +14,15 @@ import pytest
 import torch
 
 from qpacknet.errors import StoreError
-from qpacknet.store import LayerSpec, PackedStore, TaskParts, digest, task_digest
+from qpacknet.store import (
+    LayerSpec,
+    PackedStore,
+    TaskParts,
+    digest,
+    load_store,
+    save_store,
+    task_digest,
+)
 from tests.test_store import LAYERS, make_task
 
 Args = tuple[dict, dict, dict, int, dict]
@@ -75,8 +83,8 @@ def test_read_back_digest_equals_input_digest_after_commits_and_save_load(
         assert d == d.lower()
         int(d, 16)
     path = tmp_path / "model.safetensors"
-    store.save(path)
-    loaded = PackedStore.load(path)
+    save_store(store, path)
+    loaded = load_store(path)
     assert [loaded.parts(t).digest() for t in range(loaded.num_tasks)] == want
 
 
@@ -255,8 +263,8 @@ def test_shared_masks_are_digested_and_read_back(tmp_path: Path) -> None:
     assert want[1] != _digest_of(second)
     assert [store.parts(t).digest() for t in range(3)] == want
     path = tmp_path / "shared.safetensors"
-    store.save(path)
-    loaded = PackedStore.load(path)
+    save_store(store, path)
+    loaded = load_store(path)
     assert [loaded.parts(t).digest() for t in range(3)] == want
 
     flipped = {k: v.clone() for k, v in shared.items()}

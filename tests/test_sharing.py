@@ -16,7 +16,7 @@ from qpacknet.model import PackedModel
 from qpacknet.nets import build
 from qpacknet.pipeline import MODEL_FILE, Pipeline
 from qpacknet.progress import Progress
-from qpacknet.store import LayerSpec, PackedStore
+from qpacknet.store import LayerSpec, PackedStore, capacity, load_store, save_store
 from qpacknet.store.capacity import task_bits
 from tests.conftest import BlobStream, tiny_config
 
@@ -74,7 +74,7 @@ def test_shared_weights_read_the_first_component_and_cost_no_bits() -> None:
         both = tasks[0][0]["a"] & tasks[1][0]["a"] & shared[2]["a"]
         if t == 2 and both.any():
             assert torch.equal(dense["a"][both], store.decode(0)["a"][both])
-    cap = store.capacity()
+    cap = capacity(store)
     for t in range(3):
         owned = [int(tasks[t][0][s.name].sum()) for s in LAYERS]
         assert cap.per_task[t].bits == task_bits(owned, tasks[t][3])
@@ -90,8 +90,8 @@ def test_shared_weights_read_the_first_component_and_cost_no_bits() -> None:
 
 def test_shared_masks_round_trip_through_the_model_file(tmp_path: Path) -> None:
     store, _, shared = _three_task_store()
-    store.save(tmp_path / "m.safetensors")
-    back = PackedStore.load(tmp_path / "m.safetensors")
+    save_store(store, tmp_path / "m.safetensors")
+    back = load_store(tmp_path / "m.safetensors")
     for t in range(3):
         for name, value in store.decode(t).items():
             assert torch.equal(back.decode(t)[name], value)
@@ -109,7 +109,7 @@ def test_shared_masks_round_trip_through_the_model_file(tmp_path: Path) -> None:
     ]
     plain = PackedStore(LAYERS, b_max=8)
     plain.commit(*_task(0, plain.available(), 3))
-    plain.save(tmp_path / "p.safetensors")
+    save_store(plain, tmp_path / "p.safetensors")
     meta = __import__("safetensors").safe_open(str(tmp_path / "p.safetensors"), "pt").metadata()
     assert json.loads(meta["qpacknet"])["version"] == 1
 
@@ -187,8 +187,8 @@ def test_pipeline_with_sharing_keeps_old_tasks_bit_identical(tmp_path: Path) -> 
         recorded.append(model.logits(t, probe))
         for j in range(t + 1):
             assert torch.equal(model.logits(j, probe), recorded[j]), f"task {j} after task {t}"
-    store = PackedStore.load(tmp_path / MODEL_FILE)
-    cap = store.capacity()
+    store = load_store(tmp_path / MODEL_FILE)
+    cap = capacity(store)
     for t in range(3):
         owned = [int(store.mask(t)[s.name].sum()) for s in store.layers]
         assert cap.per_task[t].bits == task_bits(owned, store.bit_width(t))
@@ -216,7 +216,7 @@ def test_a_sharing_file_without_its_shared_masks_is_refused(tmp_path: Path) -> N
 
     store, _, _ = _three_task_store()
     path = tmp_path / "m.safetensors"
-    store.save(path)
+    save_store(store, path)
     with safe_open(str(path), "pt") as f:
         header = json.loads(f.metadata()["qpacknet"])
     tensors = load_file(str(path))
@@ -224,10 +224,10 @@ def test_a_sharing_file_without_its_shared_masks_is_refused(tmp_path: Path) -> N
     broken = tmp_path / "v1.safetensors"
     save_file(tensors, str(broken), metadata={"qpacknet": json.dumps(header)})
     with pytest.raises(ModelFileError, match="task 1 is malformed"):
-        PackedStore.load(broken)
+        load_store(broken)
     for entry in header["tasks"]:
         entry.pop("shared", None)
     header["version"] = 2
     save_file(tensors, str(broken), metadata={"qpacknet": json.dumps(header)})
     with pytest.raises(ModelFileError, match="unexpected tensors"):
-        PackedStore.load(broken)
+        load_store(broken)

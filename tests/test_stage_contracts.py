@@ -173,10 +173,10 @@ def test_quantize_leaves_shared_weights_to_their_owner(tmp_path: Path) -> None:
     """With weight sharing, QUANTIZE codes only the task's own weights: a shared weight keeps
     the first component's value (its owner's codebook), never a re-quantised one."""
     from qpacknet.pipeline import MODEL_FILE
-    from qpacknet.store import PackedStore
+    from qpacknet.store import load_store
 
     local_pipeline(tmp_path, BlobStream(num_tasks=2), sharing={"enabled": True}).run()
-    store = PackedStore.load(tmp_path / MODEL_FILE)
+    store = load_store(tmp_path / MODEL_FILE)
     parts, first = store.parts(1), store.first_values()
     assert parts.shared is not None and any(m.any() for m in parts.shared.values())
     decoded = store.decode(1)

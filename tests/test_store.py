@@ -12,7 +12,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qpacknet.errors import ModelFileError, StoreError
-from qpacknet.store import CapacityReport, LayerSpec, PackedStore, capacity, fileformat, load, save
+from qpacknet.store import (
+    CapacityReport,
+    LayerSpec,
+    PackedStore,
+    capacity,
+    fileformat,
+    load_store,
+    save_store,
+)
 from qpacknet.store.bits import pack_bits, pack_mask, unpack_bits, unpack_mask
 
 LAYERS = [LayerSpec("layers.0", (4, 3)), LayerSpec("layers.1", (2, 4))]
@@ -200,8 +208,8 @@ def test_mixed_widths_up_to_exactly_32_bits(tmp_path: Path) -> None:
         for layer, want in expected_dense(masks, codes, books).items():
             assert torch.equal(store.decode(t)[layer], want)
     path = tmp_path / "model.safetensors"
-    store.save(path)
-    assert_stores_equal(store, PackedStore.load(path))
+    save_store(store, path)
+    assert_stores_equal(store, load_store(path))
 
 
 def test_random_sparse_tasks_round_trip(tmp_path: Path) -> None:
@@ -227,8 +235,8 @@ def test_random_sparse_tasks_round_trip(tmp_path: Path) -> None:
         for layer in masks:
             assert torch.equal(store.codes(t)[layer], codes[layer])
     path = tmp_path / "m.safetensors"
-    save(store, path)
-    loaded = load(path)
+    save_store(store, path)
+    loaded = load_store(path)
     assert_stores_equal(store, loaded)
     assert loaded.meta == {"name": "tiny"}
 
@@ -377,7 +385,7 @@ def test_capacity_hand_computed() -> None:
         state,
     )
     # Task 1, b=1, owns 2: 2*1 + 2 * 2 * 33 + 2 = 136; total 432 bits -> 67.5 %; heads 80 %.
-    report = store.capacity()
+    report = capacity(store)
     assert [p.bits for p in report.per_task] == [296, 136]
     assert report.per_task[1].pct == 21.25
     assert report.capacity_pct == 67.5
@@ -399,7 +407,7 @@ def test_file_grows_with_use(tmp_path: Path) -> None:
     sizes = {}
     for label, density, tasks in [("sparse", 0.1, 1), ("dense", 0.9, 1), ("two", 0.1, 2)]:
         path = tmp_path / f"{label}.safetensors"
-        _store_with(density, tasks=tasks).save(path)
+        save_store(_store_with(density, tasks=tasks), path)
         sizes[label] = path.stat().st_size
     assert sizes["sparse"] < sizes["dense"]
     assert sizes["sparse"] < sizes["two"]
@@ -410,7 +418,7 @@ def test_file_grows_with_use(tmp_path: Path) -> None:
 def test_file_loads_with_plain_safetensors(tmp_path: Path) -> None:
     store = _store_with(0.3)
     path = tmp_path / "m.safetensors"
-    store.save(path)
+    save_store(store, path)
     tensors = load_file(str(path))
     owned = int(store.mask(0)["fc.0"].sum())
     assert tensors["task.0.codes.fc.0"].numel() == math.ceil(owned * 3 / 8)
@@ -423,7 +431,7 @@ def test_file_loads_with_plain_safetensors(tmp_path: Path) -> None:
 def test_atomic_save_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "model.safetensors"
     old = _store_with(0.2)
-    old.save(path)
+    save_store(old, path)
     old_bytes = path.read_bytes()
     real_save_file = fileformat.save_file
 
@@ -435,28 +443,28 @@ def test_atomic_save_keeps_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(fileformat, "save_file", half_then_fail)
     with pytest.raises(RuntimeError, match="disk went away"):
-        _store_with(0.8, seed=8, tasks=2).save(path)
+        save_store(_store_with(0.8, seed=8, tasks=2), path)
     assert os.listdir(tmp_path) == ["model.safetensors"]
     assert path.read_bytes() == old_bytes
-    assert_stores_equal(load(path), old)
+    assert_stores_equal(load_store(path), old)
 
 
 def test_save_into_missing_directory(tmp_path: Path) -> None:
     path = tmp_path / "nope" / "m.safetensors"
     with pytest.raises(ModelFileError, match="nope"):
-        _store_with(0.2).save(path)
+        save_store(_store_with(0.2), path)
 
 
 def _expect_model_file_error(path: Path, match: str) -> None:
     with pytest.raises(ModelFileError, match=match) as info:
-        load(path)
+        load_store(path)
     assert str(path) in str(info.value)
     assert "fix:" in str(info.value)
 
 
 def test_load_errors_name_the_path(tmp_path: Path) -> None:
     good = tmp_path / "good.safetensors"
-    _store_with(0.3, tasks=2).save(good)
+    save_store(_store_with(0.3, tasks=2), good)
     data = good.read_bytes()
 
     _expect_model_file_error(tmp_path / "missing.safetensors", "no such file")

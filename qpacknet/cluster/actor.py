@@ -25,7 +25,7 @@ from qpacknet.devices import configure, describe, resolve_device
 from qpacknet.evaluation import EvalRequest, evaluate_stage
 from qpacknet.events import STAGES, Event
 from qpacknet.scenarios.base import Split, TaskStream
-from qpacknet.store import PackedStore
+from qpacknet.store import load_store
 from qpacknet.worker import CandidateWorker, TaskContext
 
 
@@ -115,7 +115,7 @@ class CandidateActor:
         with tempfile.TemporaryDirectory(prefix="qpacknet-eval-") as tmp:
             path = Path(tmp) / "model.qpk"
             path.write_bytes(model)
-            store = PackedStore.load(path)
+            store = load_store(path)
 
         def test_split(j: int) -> Split:
             if tests is not None:

@@ -41,7 +41,7 @@ from qpacknet.events import EventCallback, StageDone, WorkerLost, drive
 from qpacknet.executor import Executor, chunks
 from qpacknet.scenarios.base import TaskStream
 from qpacknet.search import CandidateResult
-from qpacknet.store import PackedStore
+from qpacknet.store import PackedStore, save_store
 from qpacknet.worker import QuantizedTask, TaskContext, TrainOutcome
 
 log = logging.getLogger(__name__)
@@ -323,7 +323,7 @@ class RayExecutor(Executor):
         task's test split put in the object store once."""
         with tempfile.TemporaryDirectory(prefix="qpacknet-eval-") as tmp:
             path = Path(tmp) / "model.qpk"
-            store.save(path)
+            save_store(store, path)
             model_ref = ray.put(path.read_bytes())
         tests = vals = None
         if self._stream_ref is None:

@@ -40,9 +40,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qpacknet.layerspec import LayerSpec
 from qpacknet.nets.population import PopulationNet
 from qpacknet.seeding import derive_seed
-from qpacknet.store import LayerSpec
 
 NORM_MOMENTUM = 0.1
 NORM_EPS = 1e-5

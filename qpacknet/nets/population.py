@@ -15,8 +15,8 @@ from abc import abstractmethod
 import torch
 from torch import nn
 
+from qpacknet.layerspec import LayerSpec
 from qpacknet.seeding import generator
-from qpacknet.store import LayerSpec
 
 
 class PopulationNet(nn.Module):

@@ -1,14 +1,17 @@
 """The packed model: 32-bit words, task components, masks, codebooks, heads (DESIGN.md §2).
 
-:class:`PackedStore` holds the tasks in memory, :func:`save`/:func:`load` move them to and from
-one safetensors file, :func:`capacity` reports the paper's eq. 10, and :func:`task_digest` /
-:meth:`PackedStore.parts` give the bit-for-bit check of a commit (DESIGN.md §2 COMMIT).
+:class:`PackedStore` holds the tasks in memory, :func:`save_store`/:func:`load_store` move them
+to and from one safetensors file, :func:`capacity` reports the paper's eq. 10, and
+:func:`task_digest` / :meth:`PackedStore.parts` give the bit-for-bit check of a commit
+(DESIGN.md §2 COMMIT). Modules depend one way only: ``packed`` on ``bits``-free ``digest``;
+``capacity`` and ``fileformat`` on ``packed``.
 """
 
+from qpacknet.layerspec import LayerSpec
 from qpacknet.store.capacity import CapacityReport, TaskCapacity, capacity
 from qpacknet.store.digest import TaskParts, task_digest
-from qpacknet.store.fileformat import load, save
-from qpacknet.store.packed import LayerSpec, PackedStore
+from qpacknet.store.fileformat import load_store, save_store
+from qpacknet.store.packed import PackedStore
 
 __all__ = [
     "CapacityReport",
@@ -17,7 +20,7 @@ __all__ = [
     "TaskCapacity",
     "TaskParts",
     "capacity",
-    "load",
-    "save",
+    "load_store",
+    "save_store",
     "task_digest",
 ]

@@ -64,8 +64,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qpacknet.errors import ModelFileError, StoreError
+from qpacknet.layerspec import LayerSpec
 from qpacknet.store.bits import pack_bits, pack_mask, packed_nbytes, unpack_bits, unpack_mask
-from qpacknet.store.packed import LayerSpec, PackedStore
+from qpacknet.store.packed import PackedStore
 
 FORMAT_NAME = "qpacknet-packed"
 FORMAT_VERSION = 1
@@ -137,7 +138,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save(store: PackedStore, path: str | os.PathLike[str]) -> None:
+def save_store(store: PackedStore, path: str | os.PathLike[str]) -> None:
     """Write ``store`` to ``path`` atomically in the format described in this module.
 
     Raises :class:`ModelFileError` when the file cannot be written (e.g. a missing directory);
@@ -186,7 +187,7 @@ def _read_header(path: Path, metadata: dict[str, str] | None) -> dict[str, Any]:
         raise _fail(
             path,
             f"not a qpacknet model (no {METADATA_KEY!r} header entry)",
-            "pass a file written by qpacknet (PackedStore.save)",
+            "pass a file written by qpacknet (qpacknet.store.save_store)",
         )
     try:
         header = json.loads(raw)
@@ -198,7 +199,7 @@ def _read_header(path: Path, metadata: dict[str, str] | None) -> dict[str, Any]:
         raise _fail(
             path,
             f"format is {header.get('format')!r}, expected {FORMAT_NAME!r}",
-            "pass a file written by qpacknet (PackedStore.save)",
+            "pass a file written by qpacknet (qpacknet.store.save_store)",
         )
     if header.get("version") not in (FORMAT_VERSION, SHARING_VERSION):
         raise _fail(
@@ -278,8 +279,8 @@ def _expected_tensors(
     return expected
 
 
-def load(path: str | os.PathLike[str]) -> PackedStore:
-    """Read a file written by :func:`save` and rebuild the store by re-committing each task.
+def load_store(path: str | os.PathLike[str]) -> PackedStore:
+    """Read a file written by :func:`save_store` and rebuild the store by re-committing each task.
 
     Raises :class:`ModelFileError`, naming the path, the problem and the fix, for a missing
     file, bytes that are not a safetensors file (random, truncated, damaged), another format or

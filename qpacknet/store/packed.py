@@ -20,44 +20,16 @@ value is frozen like the rest of the earlier task.
 from __future__ import annotations
 
 import json
-import math
-import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from qpacknet.errors import StoreError
+from qpacknet.layerspec import LayerSpec
 from qpacknet.store.digest import TaskParts
 
-if TYPE_CHECKING:
-    from qpacknet.store.capacity import CapacityReport
-
 WORD_BITS = 32
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """A prunable layer: its name (any string, e.g. ``"layers.0"``) and weight shape."""
-
-    name: str
-    shape: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise StoreError(f"layer name must be a non-empty string, got {self.name!r}")
-        shape = tuple(self.shape)
-        if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
-            raise StoreError(
-                f"layer {self.name!r}: shape must be a non-empty tuple of positive ints, "
-                f"got {self.shape!r}"
-            )
-        object.__setattr__(self, "shape", shape)
-
-    @property
-    def numel(self) -> int:
-        """Number of weights ``|θ_l|`` in the layer."""
-        return math.prod(self.shape)
 
 
 @dataclass
@@ -457,22 +429,3 @@ class PackedStore:
         """Fraction ``d_tl`` of each layer's weights that task ``task`` owns (eq. 10's 1-Υ_l)."""
         record = self._task(task)
         return {s.name: int(record.masks[s.name].sum()) / s.numel for s in self._layers}
-
-    def capacity(self) -> CapacityReport:
-        """Paper eq. 10 for this store; see :func:`qpacknet.store.capacity.capacity`."""
-        from qpacknet.store.capacity import capacity
-
-        return capacity(self)
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the store atomically; see :func:`qpacknet.store.fileformat.save`."""
-        from qpacknet.store.fileformat import save
-
-        save(self, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> PackedStore:
-        """Read a store written by :meth:`save`; see :func:`qpacknet.store.fileformat.load`."""
-        from qpacknet.store.fileformat import load
-
-        return load(path)
