@@ -92,6 +92,8 @@ def truncate(store: PackedStore, num_tasks: int) -> PackedStore:
         )
     fresh = PackedStore(list(store.layers), b_max=store.b_max, meta=store.meta)
     for t in range(num_tasks):
+        if store.network_of(t) == fresh.num_networks:
+            fresh.grow()
         fresh.commit(
             store.mask(t),
             store.codes(t),

@@ -83,8 +83,10 @@ def assert_stores_equal(a: PackedStore, b: PackedStore) -> None:
     assert a.b_max == b.b_max
     assert a.meta == b.meta
     assert a.num_tasks == b.num_tasks
+    assert a.num_networks == b.num_networks
     assert_same_snapshot(snapshot(a), snapshot(b))
     for t in range(a.num_tasks):
+        assert a.network_of(t) == b.network_of(t)
         assert a.bit_width(t) == b.bit_width(t)
         da, db = a.decode(t), b.decode(t)
         for name in da:
@@ -496,7 +498,7 @@ def test_load_errors_name_the_path(tmp_path: Path) -> None:
     _expect_model_file_error(other, "format")
 
     newer = tmp_path / "newer.safetensors"
-    save_file(tensors, str(newer), metadata={"qpacknet": json.dumps({**header, "version": 3})})
+    save_file(tensors, str(newer), metadata={"qpacknet": json.dumps({**header, "version": 4})})
     _expect_model_file_error(newer, "version")
 
     plain = tmp_path / "plain.safetensors"

@@ -8,7 +8,7 @@ to and from one safetensors file, :func:`capacity` reports the paper's eq. 10, a
 """
 
 from qpacknet.layerspec import LayerSpec
-from qpacknet.store.capacity import CapacityReport, TaskCapacity, capacity
+from qpacknet.store.capacity import CapacityReport, NetworkCapacity, TaskCapacity, capacity
 from qpacknet.store.digest import TaskParts, task_digest
 from qpacknet.store.fileformat import load_store, save_store
 from qpacknet.store.packed import PackedStore
@@ -16,6 +16,7 @@ from qpacknet.store.packed import PackedStore
 __all__ = [
     "CapacityReport",
     "LayerSpec",
+    "NetworkCapacity",
     "PackedStore",
     "TaskCapacity",
     "TaskParts",

@@ -16,11 +16,16 @@ Weight sharing (TinySubNets option): a task's shared weights are read from earli
 components, so they add nothing to ``CAP_t``; they are reported beside it, per task
 (``shared``, a count, and ``shared_pct`` of the prunable weights) and for the model
 (``shared_pct``, the sum over tasks), so the weights a task reads for free stay visible.
+
+Several networks (``capacity.when_full: grow``): each network is one backbone's words, so
+``capacity_pct`` stays a percentage of *one* dense float32 backbone and may exceed 100 % once
+the model has grown; ``networks`` gives each network's own eq. 10 sum (of its own dense size)
+and its tasks. A single-network model has one entry equal to the total.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qpacknet.store.packed import WORD_BITS, PackedStore
 
@@ -36,6 +41,16 @@ class TaskCapacity:
     density: dict[str, float]
     shared: int = 0
     shared_pct: float = 0.0
+    network: int = 0
+
+
+@dataclass(frozen=True)
+class NetworkCapacity:
+    """Eq. 10 summed over one network's tasks, in % of that network's dense size."""
+
+    network: int
+    tasks: list[int]
+    capacity_pct: float
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,7 @@ class CapacityReport:
     per_task: list[TaskCapacity]
     dense_bits: int
     shared_pct: float = 0.0
+    networks: list[NetworkCapacity] = field(default_factory=list)
 
 
 def task_bits(owned: list[int], bit_width: int) -> int:
@@ -77,6 +93,7 @@ def capacity(store: PackedStore) -> CapacityReport:
                 density={s.name: n / s.numel for s, n in zip(store.layers, owned, strict=True)},
                 shared=shared,
                 shared_pct=100.0 * shared / n_weights,
+                network=store.network_of(t),
             )
         )
         head_elements += sum(v.numel() for v in store.task_state(t).values())
@@ -87,4 +104,12 @@ def capacity(store: PackedStore) -> CapacityReport:
         per_task=per_task,
         dense_bits=dense_bits,
         shared_pct=sum(entry.shared_pct for entry in per_task),
+        networks=[
+            NetworkCapacity(
+                n,
+                store.tasks_of(n),
+                100.0 * sum(per_task[t].bits for t in store.tasks_of(n)) / dense_bits,
+            )
+            for n in range(store.num_networks)
+        ],
     )

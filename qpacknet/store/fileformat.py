@@ -28,8 +28,10 @@ document:
 ``format``
     ``"qpacknet-packed"``.
 ``version``
-    ``1``, or ``2`` when a task shares weights (so a reader that predates sharing refuses the
-    file instead of dropping the shared weights). This reader reads both.
+    ``1``; ``2`` when a task shares weights (so a reader that predates sharing refuses the
+    file instead of dropping the shared weights); ``3`` when the model has grown to several
+    networks (a reader that predates networks would decode later tasks from the wrong words).
+    This reader reads all three.
 ``b_max``
     largest component width (the availability rule).
 ``layers``
@@ -38,8 +40,10 @@ document:
     the store's backbone description, verbatim.
 ``tasks``
     list, in task order, of ``{"bit_width": int, "code_counts": {layer: int}, "state": [name,
-    ...]}`` (plus ``"shared": true`` for a task that shares weights); ``code_counts`` is each
-    layer's mask popcount.
+    ...]}`` (plus ``"shared": true`` for a task that shares weights, and ``"network": k`` in a
+    version-3 file); ``code_counts`` is each layer's mask popcount. Networks are numbered in
+    the order they were opened: the first task is in network 0 and each task is in its
+    predecessor's network or the next one (:meth:`PackedStore.grow`).
 ``sha256``
     ``{tensor name: hex digest}`` of every tensor's raw bytes, so that damage inside the tensor
     data (which safetensors itself does not detect) is caught on load.
@@ -71,6 +75,8 @@ from qpacknet.store.packed import PackedStore
 FORMAT_NAME = "qpacknet-packed"
 FORMAT_VERSION = 1
 SHARING_VERSION = 2
+NETWORKS_VERSION = 3
+VERSIONS = (FORMAT_VERSION, SHARING_VERSION, NETWORKS_VERSION)
 METADATA_KEY = "qpacknet"
 
 
@@ -110,11 +116,14 @@ def _encode(store: PackedStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]
             entry["shared"] = True
             for spec in store.layers:
                 tensors[_tensor_name(t, "shared", spec.name)] = pack_mask(shared[spec.name])
+        if store.num_networks > 1:
+            entry["network"] = store.network_of(t)
         tasks.append(entry)
     sharing = any(entry.get("shared") for entry in tasks)
+    version = SHARING_VERSION if sharing else FORMAT_VERSION
     header = {
         "format": FORMAT_NAME,
-        "version": SHARING_VERSION if sharing else FORMAT_VERSION,
+        "version": NETWORKS_VERSION if store.num_networks > 1 else version,
         "b_max": store.b_max,
         "layers": [{"name": s.name, "shape": list(s.shape)} for s in store.layers],
         "meta": store.meta,
@@ -201,11 +210,11 @@ def _read_header(path: Path, metadata: dict[str, str] | None) -> dict[str, Any]:
             f"format is {header.get('format')!r}, expected {FORMAT_NAME!r}",
             "pass a file written by qpacknet (qpacknet.store.save_store)",
         )
-    if header.get("version") not in (FORMAT_VERSION, SHARING_VERSION):
+    if header.get("version") not in VERSIONS:
         raise _fail(
             path,
             f"format version {header.get('version')!r} is not supported (this qpacknet reads "
-            f"versions {FORMAT_VERSION} and {SHARING_VERSION})",
+            f"versions {', '.join(map(str, VERSIONS))})",
             "load it with the qpacknet release that wrote it, or save it again with this one",
         )
     return header
@@ -240,7 +249,8 @@ def _check_tasks(path: Path, header: dict[str, Any], store: PackedStore) -> list
             and isinstance(entry.get("state"), list)
             and all(isinstance(k, str) for k in entry["state"])
             and entry.get("shared", False) in (True, False)
-            and not (entry.get("shared") and header.get("version") != SHARING_VERSION)
+            and not (entry.get("shared") and header.get("version") == FORMAT_VERSION)
+            and _network_ok(entry, tasks[t - 1] if t else None, header.get("version"))
         )
         if not ok:
             raise _fail(path, f"header entry of task {t} is malformed", _DAMAGED_FIX)
@@ -249,6 +259,20 @@ def _check_tasks(path: Path, header: dict[str, Any], store: PackedStore) -> list
                 path, f"task {t} has bit width {entry['bit_width']} outside 1..b_max", _DAMAGED_FIX
             )
     return tasks
+
+
+def _network_ok(entry: Any, before: Any, version: Any) -> bool:
+    """Networks are numbered as opened: the first task in 0, each next one in its
+    predecessor's network or the one after; only a version-3 file names networks."""
+    network = entry.get("network", 0) if isinstance(entry, dict) else None
+    if isinstance(network, bool) or not isinstance(network, int):
+        return False
+    if "network" in entry and version != NETWORKS_VERSION:
+        return False
+    previous = before.get("network", 0) if isinstance(before, dict) else None
+    if before is None:
+        return network == 0
+    return isinstance(previous, int) and network in (previous, previous + 1)
 
 
 def _expected_tensors(
@@ -351,6 +375,8 @@ def load_store(path: str | os.PathLike[str]) -> PackedStore:
                 s.name: unpack_mask(tensors[_tensor_name(t, "shared", s.name)], s.shape)
                 for s in store.layers
             }
+        if entry.get("network", 0) == store.num_networks:
+            store.grow()
         try:
             store.commit(masks, codes, books, width, state, shared)
         except StoreError as exc:

@@ -15,6 +15,13 @@ weights that earlier tasks already claimed. A shared weight takes no component i
 (it costs the task no bits) and reads the value of the word's *first* component, i.e. of the task
 that claimed the weight first; since a claimed word's first component never changes, the shared
 value is frozen like the rest of the earlier task.
+
+Several networks (DESIGN.md §2, "When the words are full"): a long stream outgrows one set of
+words. :meth:`PackedStore.grow` opens a new *network* -- the same layers with fresh, empty
+words -- and every later commit goes there. Each task belongs to exactly one network (its
+words, its availability, the weights it may share); the store is the list of networks plus
+the task -> network map, and everything per task (decode, masks, parts) reads the task's own
+network. A store that never grew is the single-network store of earlier releases.
 """
 
 from __future__ import annotations
@@ -47,8 +54,26 @@ class _Task:
     codebooks: dict[str, torch.Tensor]
     state: dict[str, torch.Tensor]
     shared: dict[str, torch.Tensor] | None = None
+    network: int = 0
     owned: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     decoded: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Network:
+    """One network's words: ``words[name]`` int64 values in ``[0, 2**32)``, ``used[name]``
+    (int16) the bits taken in each word, and the cached first-component values (sharing)."""
+
+    words: dict[str, torch.Tensor]
+    used: dict[str, torch.Tensor]
+    first: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def empty(cls, layers: tuple[LayerSpec, ...]) -> _Network:
+        return cls(
+            {s.name: torch.zeros(s.shape, dtype=torch.int64) for s in layers},
+            {s.name: torch.zeros(s.shape, dtype=torch.int16) for s in layers},
+        )
 
 
 def _normalise_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
@@ -69,7 +94,9 @@ class PackedStore:
     """Tasks packed into the 32-bit words of the prunable weights (DESIGN.md §2).
 
     In memory, ``words[name]`` is an int64 tensor of the layer's shape holding values in
-    ``[0, 2**32)`` and ``used_bits[name]`` (int16) how many low bits of each word are taken.
+    ``[0, 2**32)`` and ``used_bits[name]`` (int16) how many low bits of each word are taken,
+    per network; :attr:`words`, :attr:`used_bits`, :meth:`available`, :meth:`claimed` and
+    :meth:`first_values` describe the newest network, the one the next commit goes to.
     :meth:`commit` validates a task completely before it changes anything, so a rejected commit
     leaves the store exactly as it was.
     """
@@ -92,10 +119,8 @@ class PackedStore:
         self._layers = tuple(layers)
         self._b_max = b_max
         self._meta = _normalise_meta(meta)
-        self._words = {s.name: torch.zeros(s.shape, dtype=torch.int64) for s in layers}
-        self._used = {s.name: torch.zeros(s.shape, dtype=torch.int16) for s in layers}
+        self._nets = [_Network.empty(self._layers)]
         self._tasks: list[_Task] = []
-        self._first: dict[str, torch.Tensor] | None = None
 
     @property
     def layers(self) -> tuple[LayerSpec, ...]:
@@ -118,38 +143,67 @@ class PackedStore:
         return len(self._tasks)
 
     @property
+    def num_networks(self) -> int:
+        """Networks opened so far (1 until :meth:`grow`); the newest takes the next commit."""
+        return len(self._nets)
+
+    def network_of(self, task: int) -> int:
+        """The network whose words hold task ``task``."""
+        return self._task(task).network
+
+    def tasks_of(self, network: int) -> list[int]:
+        """The tasks committed to ``network``, in order."""
+        return [t for t, record in enumerate(self._tasks) if record.network == network]
+
+    def grow(self) -> int:
+        """Open a new network (fresh words, every weight available) for the next commits and
+        return its index (DESIGN.md §2, ``capacity.when_full: grow``). Tasks already
+        committed keep their networks' words untouched, so their functions stay frozen."""
+        if not self._tasks or self._tasks[-1].network != len(self._nets) - 1:
+            raise StoreError(
+                f"network {len(self._nets) - 1} holds no task yet; commit one before growing"
+            )
+        self._nets.append(_Network.empty(self._layers))
+        return len(self._nets) - 1
+
+    @property
     def words(self) -> dict[str, torch.Tensor]:
-        """The 32-bit words per layer (int64 values in ``[0, 2**32)``). Do not mutate."""
-        return dict(self._words)
+        """The newest network's 32-bit words per layer (int64 values in ``[0, 2**32)``).
+        Do not mutate."""
+        return dict(self._nets[-1].words)
 
     @property
     def used_bits(self) -> dict[str, torch.Tensor]:
-        """Bits already taken in each word (int16). Do not mutate."""
-        return dict(self._used)
+        """Bits already taken in each word of the newest network (int16). Do not mutate."""
+        return dict(self._nets[-1].used)
 
     def available(self) -> dict[str, torch.Tensor]:
-        """Weights whose word still has room for a ``b_max``-bit component (DESIGN.md §2)."""
-        return {name: used + self._b_max <= WORD_BITS for name, used in self._used.items()}
+        """Weights of the newest network whose word still has room for a ``b_max``-bit
+        component (DESIGN.md §2)."""
+        return {name: u + self._b_max <= WORD_BITS for name, u in self._nets[-1].used.items()}
 
     def claimed(self) -> dict[str, torch.Tensor]:
-        """Weights some committed task owns: the ones a new task may share (DESIGN.md §2)."""
-        return {name: used > 0 for name, used in self._used.items()}
+        """Weights of the newest network some committed task owns: the ones a new task may
+        share (DESIGN.md §2) and Υ counts (eqs. 6-7)."""
+        return {name: used > 0 for name, used in self._nets[-1].used.items()}
 
-    def first_values(self) -> dict[str, torch.Tensor]:
-        """Per layer, the value of every claimed weight's first component (0.0 elsewhere):
-        what a task that shares the weight reads. Built from the tasks' decoded weights in
-        commit order, so the earliest owner of each weight wins."""
-        if self._first is not None:
-            return dict(self._first)
+    def first_values(self, network: int | None = None) -> dict[str, torch.Tensor]:
+        """Per layer, the value of every claimed weight's first component in ``network`` (the
+        newest by default; 0.0 elsewhere): what a task that shares the weight reads. Built from
+        the tasks' decoded weights in commit order, so the earliest owner of each weight wins."""
+        net = self._nets[-1 if network is None else network]
+        if net.first is not None:
+            return dict(net.first)
+        index = len(self._nets) - 1 if network is None else network
         values = {s.name: torch.zeros(s.shape, dtype=torch.float32) for s in self._layers}
         filled = {s.name: torch.zeros(s.shape, dtype=torch.bool) for s in self._layers}
-        for t, record in enumerate(self._tasks):
+        for t in self.tasks_of(index):
             own = self._decode_owned(t)
-            for name, mask in record.masks.items():
+            for name, mask in self._tasks[t].masks.items():
                 new = mask & ~filled[name]
                 values[name][new] = own[name][new]
                 filled[name] |= new
-        self._first = values
+        net.first = values
         return dict(values)
 
     def _task(self, task: int) -> _Task:
@@ -281,12 +335,14 @@ class PackedStore:
         ``masks[name]`` has the layer's shape; ``codes[name]`` holds one code per True mask entry
         in row-major order; ``codebooks[name]`` is float32 of length ``2**bit_width``;
         ``task_state`` holds the task's unpacked tensors (head, normalisation state), stored as
-        CPU clones. Each code goes to bit offset ``used_bits`` of its word, then ``used_bits``
-        grows by ``bit_width``. ``shared`` (weight sharing) marks weights of earlier tasks the
-        task reads without owning them; they take no bits. Everything is validated first and the
-        new words are built aside, so a :class:`StoreError` leaves the store unchanged.
+        CPU clones. The task goes into the newest network (:meth:`grow`). Each code goes to bit
+        offset ``used_bits`` of its word, then ``used_bits`` grows by ``bit_width``. ``shared``
+        (weight sharing) marks weights of the network's earlier tasks the task reads without
+        owning them; they take no bits. Everything is validated first and the new words are
+        built aside, so a :class:`StoreError` leaves the store unchanged.
         """
         self._validate(masks, codes, codebooks, bit_width, task_state, shared)
+        net = self._nets[-1]
         if shared is not None and not any(bool(m.any()) for m in shared.values()):
             shared = None
         new_words: dict[str, torch.Tensor] = {}
@@ -297,9 +353,9 @@ class PackedStore:
             name = spec.name
             mask = masks[name].detach().cpu().clone()
             index = mask.reshape(-1).nonzero().squeeze(1)
-            used = self._used[name].reshape(-1)
+            used = net.used[name].reshape(-1)
             offset = used[index].clone()
-            words = self._words[name].reshape(-1).clone()
+            words = net.words[name].reshape(-1).clone()
             code = codes[name].detach().cpu().to(torch.int64)
             words[index] |= code << offset.to(torch.int64)
             used = used.clone()
@@ -319,17 +375,18 @@ class PackedStore:
                 if shared is None
                 else {n: shared[n].detach().cpu().clone() for n in task_masks}
             ),
+            network=len(self._nets) - 1,
         )
-        self._words.update(new_words)
-        self._used.update(new_used)
+        net.words.update(new_words)
+        net.used.update(new_used)
         self._tasks.append(task)
-        self._first = None
+        net.first = None
         return len(self._tasks) - 1
 
     def _read_codes(self, record: _Task, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat indices of the task's owned weights in layer ``name`` and their codes (int64)."""
         index = record.masks[name].reshape(-1).nonzero().squeeze(1)
-        words = self._words[name].reshape(-1)[index]
+        words = self._nets[record.network].words[name].reshape(-1)[index]
         low = (1 << record.bit_width) - 1
         return index, (words >> record.offsets[name].to(torch.int64)) & low
 
@@ -350,7 +407,7 @@ class PackedStore:
         if record.decoded is None:
             decoded = self._decode_owned(task)
             if record.shared is not None:
-                first = self.first_values()
+                first = self.first_values(record.network)
                 decoded = {n: v.clone() for n, v in decoded.items()}
                 for name, mask in record.shared.items():
                     decoded[name][mask] = first[name][mask]
@@ -373,7 +430,8 @@ class PackedStore:
 
     def clear_cache(self) -> None:
         """Drop every task's cached decoded weights."""
-        self._first = None
+        for net in self._nets:
+            net.first = None
         for record in self._tasks:
             record.decoded = None
             record.owned = None
