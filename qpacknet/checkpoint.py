@@ -55,7 +55,7 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any] | None:
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
     """The settings that must match to continue a run: the task count may grow, and where the
     candidates train (executor) and where the run is logged (tracking) do not change what is
-    learned."""
+    learned; nor does the capacity policy, which decides only for tasks not learned yet."""
     ident = json.loads(json.dumps(config))
     try:  # settings added since the checkpoint was written take their defaults
         from qpacknet.config import RunConfig
@@ -66,6 +66,7 @@ def _identity(config: dict[str, Any]) -> dict[str, Any]:
     ident.get("scenario", {}).pop("num_tasks", None)
     ident.pop("executor", None)
     ident.pop("tracking", None)
+    ident.pop("capacity", None)
     return ident
 
 

@@ -128,6 +128,29 @@ class SharingConfig(_Strict):
         return self
 
 
+class CapacityConfig(_Strict):
+    """What a long stream does when the words are full, and with a task that learned nothing
+    (DESIGN.md §2, "When the words are full"). Neither changes a task that is already
+    committed, so a run may be resumed under another policy.
+
+    ``when_full`` applies when, before SEARCH, some layer has fewer available weights than a
+    candidate's minimum density ``1 - search.v_max``: ``grow`` opens a new network (same
+    backbone, fresh words) for this and later tasks; ``share`` lets the task read the earlier
+    tasks' frozen weights (TinySubNets) besides what is left; ``stop`` exits 2 before training
+    it. The quality gate compares TRAIN's best validation accuracy with chance (the largest
+    class's share of the validation split)."""
+
+    when_full: Literal["grow", "share", "stop"] = Field(
+        "grow", description="a layer cannot give a new task its minimum density: grow|share|stop"
+    )
+    quality_gate: Literal["stop", "warn"] = Field(
+        "stop", description="a task within chance_margin of chance: stop the run, or warn+mark"
+    )
+    chance_margin: float = Field(
+        10.0, ge=0.0, le=100.0, description="points above chance TRAIN's val accuracy must reach"
+    )
+
+
 class TrainConfig(_Strict):
     """Optimiser and schedule shared by SEARCH and TRAIN (the paper gives only the lr range)."""
 
@@ -236,6 +259,7 @@ class RunConfig(_Strict):
     net: NetConfig = Field(default_factory=NetConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     sharing: SharingConfig = Field(default_factory=SharingConfig)
+    capacity: CapacityConfig = Field(default_factory=CapacityConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)

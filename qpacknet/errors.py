@@ -40,3 +40,13 @@ class ForgettingDetected(QpacknetError):
 
 class StoreError(QpacknetError):
     """A commit that would break the packed store's invariants (e.g. a word over 32 bits)."""
+
+
+class NetworkFull(UsageError):
+    """``capacity.when_full: stop`` and a layer cannot give the next task its minimum density:
+    exit 2 before the task is trained, naming the layer and the policies."""
+
+
+class TaskNotLearned(QpacknetError):
+    """The quality gate: TRAIN's best validation accuracy is within the margin of chance, so
+    the task is not committed (``capacity.quality_gate: stop``)."""

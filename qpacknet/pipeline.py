@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from qpacknet import __version__
+from qpacknet import __version__, capacity_policy
 from qpacknet.checkpoint import check_same_config, load_checkpoint, save_checkpoint, truncate
 from qpacknet.config import RunConfig
 from qpacknet.devices import cpu_model, resolve_device
@@ -28,6 +28,8 @@ from qpacknet.errors import (
     DataError,
     ForgettingDetected,
     ModelFileError,
+    NetworkFull,
+    TaskNotLearned,
     UsageError,
 )
 from qpacknet.evaluation import EvalRequest
@@ -52,7 +54,7 @@ from qpacknet.search import CandidateResult, scores, select_winner
 from qpacknet.stages import Stage, TaskStages
 from qpacknet.store import PackedStore, capacity, load_store, save_store
 from qpacknet.store.capacity import TaskCapacity
-from qpacknet.worker import QuantizedTask, TaskContext
+from qpacknet.worker import QuantizedTask, TaskContext, TrainOutcome
 
 __all__ = ["CONFIG_FILE", "MODEL_FILE", "RESULTS_FILE", "Pipeline", "hardware", "resolve_device"]
 
@@ -91,6 +93,7 @@ class _TaskLog:
     stages: dict[str, Any] = field(default_factory=dict)
     candidates: dict[int, str] = field(default_factory=dict)
     train_epochs: list[dict[str, Any]] = field(default_factory=list)
+    capacity: dict[str, Any] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -123,6 +126,7 @@ class Pipeline:
         self.latencies: list[float] = []
         self._log = _TaskLog()
         self._begun = False
+        self._forced_share = False
         self.matrix = AccuracyMatrix()
         self.val_matrix = AccuracyMatrix()
         self._last_val_row: list[float] | None = None
@@ -330,6 +334,7 @@ class Pipeline:
             self._on_event(t, timer, event)
 
         self._begin_run()
+        rooms = self._plan_capacity(t)
         for obs in self.observers:
             obs.task_started(t)
         t0 = time.perf_counter()
@@ -366,6 +371,7 @@ class Pipeline:
         self.progress.stage(
             t, "TRAIN", timer.seconds["train"], f"best val acc {outcome.float_acc:.2f}"
         )
+        self._quality_gate(t, outcome, any(r.capped for r in rooms))
 
         stages.advance(Stage.QUANTIZE)
         t0 = time.perf_counter()
@@ -402,12 +408,63 @@ class Pipeline:
         self.inference_figures = inference
         self._record(t, results, sc, winner, q, timer, cap.per_task[t], inference)
 
+    def _plan_capacity(self, t: int) -> list[capacity_policy.LayerRoom]:
+        """Before SEARCH: each layer's room against Algorithm 1's draw, and
+        ``capacity.when_full`` when some layer cannot give the task its minimum density
+        (grow: a new network; share: read earlier tasks' frozen weights; stop: exit 2)."""
+        cfg, store = self.config, self.store
+        self._forced_share = False
+        rooms = capacity_policy.room(store.layers, store.available(), cfg)
+        log: dict[str, Any] = {"available": {r.name: r.pct / 100 for r in rooms}}
+        self._log.capacity = log
+        if any(r.capped for r in rooms):
+            self.progress.line(f"task {t + 1}: {capacity_policy.describe(rooms, cfg)}")
+        if not any(r.starving for r in rooms):
+            return rooms
+        network = store.num_networks - 1
+        policy = cfg.capacity.when_full
+        log["when_full"] = policy
+        if policy == "stop":
+            raise NetworkFull(capacity_policy.full_message(t, network, rooms, self.model_path))
+        starving = ", ".join(r.name for r in rooms if r.starving)
+        if policy == "grow":
+            store.grow()
+            self.progress.line(
+                f"task {t + 1}: network {network} is full ({starving} below the minimum "
+                f"density); opened network {store.num_networks - 1} for this and later tasks "
+                "(capacity.when_full=grow)"
+            )
+            rooms = capacity_policy.room(store.layers, store.available(), cfg)
+            log["available"] = {r.name: r.pct / 100 for r in rooms}
+            return rooms
+        self._forced_share = True
+        self.progress.line(
+            f"task {t + 1}: network {network} is full ({starving} below the minimum density); "
+            "the task also reads earlier tasks' frozen weights (capacity.when_full=share)"
+        )
+        return rooms
+
+    def _quality_gate(self, t: int, outcome: TrainOutcome, capped: bool) -> None:
+        """A task whose TRAIN accuracy is within ``capacity.chance_margin`` of chance is not
+        committed silently: the run stops (``quality_gate: stop``) or warns and marks it."""
+        failed = capacity_policy.gate_failed(outcome.float_acc, outcome.chance_acc, self.config)
+        self._log.capacity["chance_acc"] = outcome.chance_acc
+        self._log.capacity["quality_gate"] = "failed" if failed else "passed"
+        if not failed:
+            return
+        message = capacity_policy.gate_message(
+            t, outcome.float_acc, outcome.chance_acc, self.config, capped
+        )
+        if self.config.capacity.quality_gate == "stop":
+            raise TaskNotLearned(message)
+        self.progress.line(f"WARNING: {message}; committing it marked (quality_gate=warn)")
+
     def _commit(self, t: int, q: QuantizedTask) -> None:
         """COMMIT, checked bit for bit (DESIGN.md §4): what arrived must hash to the digest
         the worker took of what it quantised, and after writing the words the store's
         read-back must hash the same. No float from another process is compared: devices
         and kernels differ in rounding. The model file is written only after both checks."""
-        if q.shared is not None and not self.config.sharing.enabled:
+        if q.shared is not None and not (self.config.sharing.enabled or self._forced_share):
             raise RuntimeError(f"task {t + 1}: QUANTIZE returned shared weights with sharing off")
         received = q.parts_digest()
         if received != q.digest:
@@ -473,13 +530,15 @@ class Pipeline:
         return self.inference.figures(t + 1)
 
     def _sharing(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
-        """The committed tasks' weights (Υ, eqs. 6-7, counts a candidate together with them;
-        sharing draws from them) and, with sharing on, their first-component values;
-        ``(None, None)`` before the first task."""
-        if self.store.num_tasks == 0:
+        """The newest network's committed weights (Υ, eqs. 6-7, counts a candidate together
+        with them; sharing draws from them) and, with sharing on or forced by
+        ``capacity.when_full: share``, their first-component values; ``(None, None)`` for a
+        network's first task."""
+        claimed = self.store.claimed()
+        if not any(bool(m.any()) for m in claimed.values()):
             return None, None
-        frozen = self.store.first_values() if self.config.sharing.enabled else None
-        return self.store.claimed(), frozen
+        share = self.config.sharing.enabled or self._forced_share
+        return claimed, self.store.first_values() if share else None
 
     def _check_search(self, results: list[CandidateResult]) -> None:
         expected = list(range(self.config.search.population))
@@ -517,6 +576,8 @@ class Pipeline:
         self.task_reports.append(
             {
                 "task": t,
+                "network": self.store.network_of(t),
+                **self._log.capacity,
                 "bit_width": q.bit_width,
                 "density": self.store.density(t),
                 "shared_pct": cap.shared_pct,
@@ -594,6 +655,13 @@ class Pipeline:
             "capacity_pct": cap.capacity_pct,
             "heads_pct": cap.heads_pct,
             "shared_pct": cap.shared_pct,
+            "networks": [
+                {"network": n.network, "tasks": n.tasks, "capacity_pct": n.capacity_pct}
+                for n in cap.networks
+            ],
+            "quality_gate_failed": [
+                r["task"] for r in self.task_reports if r.get("quality_gate") == "failed"
+            ],
             **self._inference_results(),
             "packed_bytes": self.model_path.stat().st_size,
             "dense_float32_bytes": cap.dense_bits // 8,

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from qpacknet.capacity_policy import chance_accuracy
 from qpacknet.config import RunConfig
 from qpacknet.errors import IllegalTransition
 from qpacknet.events import EpochEnded, Event, StageDone, StepDone
@@ -49,10 +50,14 @@ class TaskContext:
 
 @dataclass(frozen=True)
 class TrainOutcome:
+    """TRAIN's result: the best validation accuracy (Algorithm 3's Q) and, for the quality
+    gate, chance on the same split (:func:`~qpacknet.capacity_policy.chance_accuracy`)."""
+
     candidate: int
     float_acc: float
     epochs: int
     seconds: float
+    chance_acc: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -239,7 +244,11 @@ class CandidateWorker:
         )
         self.single, self.single_candidate, self.float_acc = single, candidate, acc[0]
         outcome = TrainOutcome(
-            candidate, acc[0], self.cfg.train.epochs, time.perf_counter() - start
+            candidate,
+            acc[0],
+            self.cfg.train.epochs,
+            time.perf_counter() - start,
+            chance_accuracy(self.val_split.y),
         )
         yield self._done("train", [candidate], outcome, started)
 
