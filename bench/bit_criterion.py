@@ -18,7 +18,7 @@ Streams (4 tasks each, so that every weight stays available whatever the widths 
 TRAIN are identical across criteria; only QUANTIZE differs):
 
 * ``digits``: the ``digits`` preset (10 classes, 216 validation images per task);
-* ``digits-val5``: the same with ``scenario.val_fraction=0.05`` (72 validation images);
+* ``digits-val5``: the same with ``scenario.val_fraction=0.05`` (70 validation images);
 * ``pairs``: two-class tasks cut from the digits (3/8, 1/7, 4/9, 2/5; 40 validation, 120 test
   images, the rest, about 230, for training), written by ``bench/digit_pairs.py``;
 * ``pairs-few``: the same pairs with 15 training images per class (a less confident network).

@@ -161,7 +161,7 @@ class QuantizeConfig(_Strict):
         1.0, ge=0.0, description="allowed validation-accuracy drop, points (every criterion)"
     )
     criterion: Literal["accuracy", "loss", "agreement"] = Field(
-        "accuracy",
+        "loss",
         description="when a bit width is accepted (Algorithm 3): always the paper's "
         "Q_q >= Q - delta, and with loss also a validation cross-entropy at most "
         "loss_tolerance nats above the float network's, with agreement also at least "

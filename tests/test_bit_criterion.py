@@ -100,7 +100,7 @@ def test_quantize_settings_default_and_bounds(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     q = QuantizeConfig()
-    assert (q.criterion, q.loss_tolerance, q.min_agreement) == ("accuracy", 0.01, 99.0)
+    assert (q.criterion, q.loss_tolerance, q.min_agreement) == ("loss", 0.01, 99.0)
     for args, needle in (
         (["quantize.criterion=bayes"], "quantize.criterion"),
         (["quantize.loss_tolerance=-0.1"], "quantize.loss_tolerance"),
@@ -171,7 +171,7 @@ def test_results_json_reports_float_and_quantised_test_accuracy(tmp_path: Path) 
     argv += ["--out", str(out), "--set", "threads=1"]
     for item in ("scenario.num_tasks=2", "search.population=2", "search.epochs=1"):
         argv += ["--set", item]
-    assert main([*argv, "--set", "train.epochs=2", "--set", "quantize.criterion=loss"]) == 0
+    assert main([*argv, "--set", "train.epochs=2"]) == 0
     res = json.loads((out / "results.json").read_text())
     n_test = len(PermutedDigits(num_tasks=1).test_split(0))
     for t, rep in enumerate(res["tasks"]):
