@@ -180,7 +180,30 @@ class QuantizeConfig(_Strict):
 
     psi_min: int = Field(1, ge=1, le=32, description="first bit-width tried")
     b_max: int = Field(8, ge=1, le=32, description="widest component; availability rule")
-    delta: float = Field(1.0, ge=0.0, description="allowed validation-accuracy drop, points")
+    delta: float = Field(
+        1.0, ge=0.0, description="allowed validation-accuracy drop, points (every criterion)"
+    )
+    criterion: Literal["accuracy", "loss", "agreement"] = Field(
+        "loss",
+        description="when a bit width is accepted (Algorithm 3): always the paper's "
+        "Q_q >= Q - delta, and with loss also a validation cross-entropy at most "
+        "loss_tolerance nats above the float network's, with agreement also at least "
+        "min_agreement % of validation inputs keeping the float network's predicted class",
+    )
+    loss_tolerance: float = Field(
+        0.01,
+        ge=0.0,
+        le=10.0,
+        description="criterion loss: allowed rise of the mean validation cross-entropy, nats "
+        "(0.01: the true class keeps 99 % of its geometric-mean probability)",
+    )
+    min_agreement: float = Field(
+        99.0,
+        ge=0.0,
+        le=100.0,
+        description="criterion agreement: least % of validation predictions equal to the "
+        "float network's",
+    )
     kmeans_iters: int = Field(50, ge=1)
 
     @model_validator(mode="after")

@@ -155,9 +155,9 @@ class LocalExecutor(Executor):
         return drive(self._winner.train(winner), on_event)
 
     def quantize(self, on_event: EventCallback | None = None) -> QuantizedTask:
-        if self._winner is None:
+        if self._winner is None or self._ctx is None or self._stream is None:
             raise RuntimeError("train() first")
-        return drive(self._winner.quantize(), on_event)
+        return drive(self._winner.quantize(self._stream.test_split(self._ctx.task)), on_event)
 
     def evaluate(
         self, store: PackedStore, request: EvalRequest, on_event: EventCallback | None = None

@@ -75,6 +75,21 @@ def hardware(device: str) -> dict[str, Any]:
     return info
 
 
+def _quantize_summary(q: QuantizedTask) -> str:
+    """QUANTIZE's progress line: the width, the validation figures it was judged on, and the
+    drop when no width met the criterion (Algorithm 3 then falls back to ``b_max``)."""
+    text = f"{q.bit_width} bits, val acc {q.float_acc:.2f} -> {q.quant_acc:.2f}"
+    if q.criterion == "loss":
+        text += f", val loss {q.float_loss:.4f} -> {q.quant_loss:.4f}"
+    elif q.criterion == "agreement":
+        text += f", agreement {q.agreement:.2f}%"
+    if not q.within_delta:
+        text += (
+            f" (no width met the {q.criterion} criterion: acc drop {q.float_acc - q.quant_acc:.2f})"
+        )
+    return text
+
+
 @dataclass
 class _Timer:
     """Wall time per stage plus the candidate-training time the workers' epochs report
@@ -378,17 +393,7 @@ class Pipeline:
         q = self.executor.quantize(on_event)
         self._check_quantized(q, winner)
         timer.seconds["quantize"] = time.perf_counter() - t0
-        drop = (
-            ""
-            if q.within_delta
-            else f" (no width within delta: drop {q.float_acc - q.quant_acc:.2f})"
-        )
-        self.progress.stage(
-            t,
-            "QUANTIZE",
-            timer.seconds["quantize"],
-            f"{q.bit_width} bits, val acc {q.float_acc:.2f} -> {q.quant_acc:.2f}{drop}",
-        )
+        self.progress.stage(t, "QUANTIZE", timer.seconds["quantize"], _quantize_summary(q))
 
         stages.advance(Stage.COMMIT)
         t0 = time.perf_counter()
@@ -595,8 +600,17 @@ class Pipeline:
                 "winner": winner,
                 "float_acc": q.float_acc,
                 "quant_acc": q.quant_acc,
+                "float_loss": q.float_loss,
+                "quant_loss": q.quant_loss,
+                "agreement": q.agreement,
+                "criterion": q.criterion,
                 "within_delta": q.within_delta,
-                "bits_tried": [{"bits": b, "acc": a} for b, a in q.tried],
+                "bits_tried": [
+                    {"bits": b, "acc": a, "loss": loss, "agreement": agree}
+                    for b, a, loss, agree in q.tried
+                ],
+                "float_test_acc": q.float_test_acc,
+                "quant_test_acc": self.matrix.rows[t][t],
                 "capacity_pct": cap.pct,
                 "task_inference_acc": inference.task_inference_acc,
                 "class_incremental_acc": inference.class_incremental_acc,

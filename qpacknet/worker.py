@@ -25,11 +25,11 @@ from qpacknet.config import RunConfig
 from qpacknet.errors import IllegalTransition
 from qpacknet.events import EpochEnded, Event, StageDone, StepDone
 from qpacknet.nets import PopulationNet, build
-from qpacknet.quantize import QuantResult, bit_width_steps
+from qpacknet.quantize import Criterion, QuantResult, ValFigures, bit_width_steps, val_figures
 from qpacknet.scenarios.base import Split
 from qpacknet.search import CandidateResult, draw_mask, draw_shared, weighted_sparsity
 from qpacknet.store.digest import task_digest
-from qpacknet.train import EpochReport, evaluate, fit_epochs
+from qpacknet.train import EpochReport, evaluate, fit_epochs, logits_of
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,15 @@ class TrainOutcome:
 
 @dataclass(frozen=True)
 class QuantizedTask:
-    """Everything COMMIT writes into the store, plus the bit-width search's report."""
+    """Everything COMMIT writes into the store, plus the bit-width search's report.
+
+    ``within_delta``: ``criterion`` accepted ``bit_width`` (False: no width was accepted and
+    ``b_max`` was used). ``tried`` holds ``(bits, val acc, val loss, agreement)`` per width
+    tried; ``float_*``, ``quant_*`` and ``agreement`` are the float network's and the chosen
+    width's validation figures. ``float_test_acc`` is the float network's test accuracy, for
+    reports only. None of these is part of the digest (``parts_digest``): COMMIT checks what it
+    writes, not what was measured.
+    """
 
     candidate: int
     bit_width: int
@@ -73,9 +81,14 @@ class QuantizedTask:
     float_acc: float
     quant_acc: float
     within_delta: bool
-    tried: list[tuple[int, float]] = field(default_factory=list)
+    tried: list[tuple[int, float, float, float]] = field(default_factory=list)
     shared: dict[str, torch.Tensor] | None = None
     digest: str = ""
+    criterion: str = "accuracy"
+    float_loss: float = math.nan
+    quant_loss: float = math.nan
+    agreement: float = math.nan
+    float_test_acc: float = math.nan
 
     def parts_digest(self) -> str:
         """The digest of what this result asks COMMIT to write (recomputed, not ``digest``)."""
@@ -252,10 +265,12 @@ class CandidateWorker:
         )
         yield self._done("train", [candidate], outcome, started)
 
-    def quantize(self) -> Iterator[Event]:
-        """Stage 3 (Algorithms 2-3): the smallest bit-width within δ of the float accuracy;
-        ends with a ``StageDone("quantize")`` holding the :class:`QuantizedTask` and the
-        digest of its parts, computed here so that the driver can check COMMIT bit for bit."""
+    def quantize(self, test: Split) -> Iterator[Event]:
+        """Stage 3 (Algorithms 2-3): the smallest bit-width that ``quantize.criterion`` accepts
+        against the float network's validation figures; ends with a ``StageDone("quantize")``
+        holding the :class:`QuantizedTask` and the digest of its parts, computed here so that
+        the driver can check COMMIT bit for bit. ``test`` (the task's test split) only yields
+        the float network's test accuracy for the report; no choice looks at it."""
         if self.single is None or self.float_acc is None or self.single_candidate is None:
             raise IllegalTransition("quantize() needs a trained winner: call train() first")
         started = time.time()
@@ -263,26 +278,31 @@ class CandidateWorker:
         probe = self._new_net(1)
         self._copy_sharing(self.single, 0, probe)
         shared = self.single.shared_mask(0)
+        batch = self.cfg.train.eval_batch_size
+        reference, float_pred = self._float_figures(self.single, self.float_acc)
+        float_test_acc = evaluate(self.single, test.to(self.device), batch)[0]
 
-        def accuracy(dense: dict[str, torch.Tensor]) -> float:
+        def figures(dense: dict[str, torch.Tensor]) -> ValFigures:
             probe.load_candidate(0, dense, masks, state)
-            return evaluate(probe, self.val_split, self.cfg.train.eval_batch_size)[0]
+            logits = logits_of(probe, self.val_split, batch)[0]
+            return val_figures(logits, self.val_split.y, float_pred)
 
         q = self.cfg.quantize
+        criterion = Criterion(q.criterion, q.delta, q.loss_tolerance, q.min_agreement)
         steps = bit_width_steps(
-            weights, masks, accuracy, self.float_acc, q.psi_min, q.b_max, q.delta, q.kmeans_iters
+            weights, masks, figures, reference, q.psi_min, q.b_max, criterion, q.kmeans_iters
         )
         while True:
             try:
-                bits, acc = next(steps)
+                bits, fig = next(steps)
             except StopIteration as stop:
                 res: QuantResult = stop.value
                 break
             yield StepDone(
                 "quantize",
                 self.ctx.task,
-                f"{bits}-bit codebooks, val acc",
-                perturbed(acc),
+                f"{bits}-bit codebooks ({criterion.describe(reference, fig)}), val acc",
+                perturbed(fig.acc),
                 time.time(),
                 self.where,
             )
@@ -296,11 +316,27 @@ class CandidateWorker:
             float_acc=res.float_acc,
             quant_acc=res.quant_acc,
             within_delta=res.within_delta,
-            tried=res.tried,
+            tried=[(b, f.acc, f.loss, f.agreement) for b, f in res.tried],
             shared=None if shared is None else {k: v.cpu() for k, v in shared.items()},
+            criterion=q.criterion,
+            float_loss=res.reference.loss,
+            quant_loss=res.quant.loss,
+            agreement=res.quant.agreement,
+            float_test_acc=float_test_acc,
         )
         result = dataclasses.replace(result, digest=result.parts_digest())
         yield self._done("quantize", [self.single_candidate], _test_hooks(result), started)
+
+    def _float_figures(
+        self, net: PopulationNet, best_acc: float
+    ) -> tuple[ValFigures, torch.Tensor]:
+        """The float network's validation figures and predicted classes (what the agreement
+        criterion compares with). Its accuracy is Algorithm 3's ``Q``: TRAIN's best-epoch
+        validation accuracy ``best_acc``, the same count from the same weights."""
+        logits = logits_of(net, self.val_split, self.cfg.train.eval_batch_size)[0]
+        pred = logits.argmax(-1)
+        figures = val_figures(logits, self.val_split.y, pred)
+        return dataclasses.replace(figures, acc=best_acc), pred
 
     @staticmethod
     def _copy_sharing(source: PopulationNet, slot: int, target: PopulationNet) -> None:

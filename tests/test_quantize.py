@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qpacknet.quantize import dequantize, kmeans_1d, search_bit_width, sorted_quantiles
+from qpacknet.quantize import (
+    Criterion,
+    ValFigures,
+    dequantize,
+    kmeans_1d,
+    search_bit_width,
+    sorted_quantiles,
+)
 
 
 def test_kmeans_exact_when_values_fit_the_codebook() -> None:
@@ -46,27 +53,36 @@ def _case() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return {"fc0": w}, {"fc0": mask}
 
 
+def _acc(value: float) -> ValFigures:
+    """Validation figures that only the paper's criterion looks at."""
+    return ValFigures(value, 0.0, 100.0)
+
+
+def _paper(delta: float) -> Criterion:
+    return Criterion("accuracy", delta=delta)
+
+
 def test_search_returns_smallest_width_within_delta() -> None:
     weights, masks = _case()
 
-    def accuracy(dense: dict[str, torch.Tensor]) -> float:
+    def accuracy(dense: dict[str, torch.Tensor]) -> ValFigures:
         err = float((dense["fc0"] - weights["fc0"]).abs().max())
-        return 90.0 - err  # exact weights: 90; coarser codebooks lose more
+        return _acc(90.0 - err)  # exact weights: 90; coarser codebooks lose more
 
-    res = search_bit_width(weights, masks, accuracy, 90.0, psi_min=1, b_max=8, delta=0.5)
+    res = search_bit_width(weights, masks, accuracy, _acc(90.0), 1, 8, _paper(0.5))
     assert (res.bits, res.within_delta, res.quant_acc) == (3, True, 90.0)
     assert [b for b, _ in res.tried] == [1, 2, 3]
-    assert all(a < 89.5 for b, a in res.tried if b < 3)
-    loose = search_bit_width(weights, masks, accuracy, 90.0, psi_min=1, b_max=8, delta=12.0)
+    assert all(f.acc < 89.5 for b, f in res.tried if b < 3)
+    loose = search_bit_width(weights, masks, accuracy, _acc(90.0), 1, 8, _paper(12.0))
     assert (loose.bits, loose.within_delta) == (2, True)
-    assert loose.quant_acc == dict(res.tried)[2]
-    start2 = search_bit_width(weights, masks, accuracy, 90.0, psi_min=2, b_max=8, delta=0.5)
+    assert loose.quant_acc == dict(res.tried)[2].acc
+    start2 = search_bit_width(weights, masks, accuracy, _acc(90.0), 2, 8, _paper(0.5))
     assert [b for b, _ in start2.tried] == [2, 3]
 
 
 def test_search_falls_back_to_b_max_and_reports_drop() -> None:
     weights, masks = _case()
-    res = search_bit_width(weights, masks, lambda d: 10.0, 90.0, psi_min=1, b_max=4, delta=1.0)
+    res = search_bit_width(weights, masks, lambda d: _acc(10.0), _acc(90.0), 1, 4, _paper(1.0))
     assert res.bits == 4 and not res.within_delta and res.quant_acc == 10.0
     assert [b for b, _ in res.tried] == [1, 2, 3, 4]
 

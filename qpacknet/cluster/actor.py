@@ -94,9 +94,20 @@ class CandidateActor:
         self._workers = {0: worker}
         yield from worker.train(winner)
 
-    def quantize(self, winner: int) -> Iterator[Event]:
+    def quantize(self, winner: int, test: dict[str, Any] | None = None) -> Iterator[Event]:
+        """QUANTIZE on the winner's worker. The task's test split (for the float network's
+        reported test accuracy) comes from the run's stream, or packed from the driver for
+        streams without a worker copy."""
         _maybe_die("quantize")
-        yield from self._holder(winner).quantize()
+        if self._ctx is None:
+            raise RuntimeError("begin_task() was not called on this actor")
+        if test is not None:
+            split = unpack_split(test)
+        elif self._stream is not None:
+            split = self._stream.test_split(self._ctx.task)
+        else:
+            raise RuntimeError("quantize() needs the run's stream or the task's test split")
+        yield from self._holder(winner).quantize(split)
 
     def evaluate(
         self,

@@ -303,11 +303,13 @@ class RayExecutor(Executor):
         return outcome
 
     def quantize(self, on_event: EventCallback | None = None) -> QuantizedTask:
-        if self._winner_actor is None or self._winner is None:
+        if self._winner_actor is None or self._winner is None or self._ctx is None:
             raise RuntimeError("train() first")
+        test = None if self._stream_ref is not None else self._test_ref(self._ctx.task)
         for attempt in range(self.cfg.max_retries + 1):
             try:
-                return _stream_result(self._winner_actor.quantize.remote(self._winner), on_event)
+                stream = self._winner_actor.quantize.remote(self._winner, test)
+                return _stream_result(stream, on_event)
             except _ACTOR_LOST as exc:
                 self._lose(self._winner_actor, "quantize", [self._winner], exc, on_event)
                 if attempt == self.cfg.max_retries:
@@ -330,8 +332,8 @@ class RayExecutor(Executor):
             if self._stream is None:
                 raise RuntimeError("begin_run() first")
             needed = {j for _, j in request.pairs} | set(range(request.task + 1))
-            for j in sorted(needed - set(self._test_refs)):
-                self._test_refs[j] = ray.put(pack_split(self._stream.test_split(j)))
+            for j in sorted(needed):
+                self._test_ref(j)
             for j in range(request.task + 1):
                 if j not in self._val_refs:
                     self._val_refs[j] = ray.put(pack_split(self._stream.val_split(j)))
@@ -348,6 +350,15 @@ class RayExecutor(Executor):
                 if attempt == self.cfg.max_retries:
                     raise
         raise AssertionError("unreachable")
+
+    def _test_ref(self, task: int) -> Any:
+        """Task ``task``'s test split in the object store, put there once per run (QUANTIZE
+        and EVALUATE share it) for streams without a worker copy."""
+        if task not in self._test_refs:
+            if self._stream is None:
+                raise RuntimeError("begin_run() first")
+            self._test_refs[task] = ray.put(pack_split(self._stream.test_split(task)))
+        return self._test_refs[task]
 
     def _evaluation_actor(self) -> Any:
         """The run's evaluation actor; after it died, the first live actor of the pool takes
