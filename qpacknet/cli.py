@@ -324,6 +324,21 @@ def _summary(results: dict[str, Any], pipeline: Any, out: Path) -> None:
             f"weight sharing: each later task reads {results['shared_pct'] / later:.2f}% of the "
             "prunable weights from earlier tasks on average, at no cost in bits"
         )
+    nets = results.get("networks", [])
+    if len(nets) > 1:
+        print(
+            f"{len(nets)} networks (capacity.when_full=grow): "
+            + ", ".join(
+                f"tasks {n['tasks'][0] + 1}-{n['tasks'][-1] + 1} ({n['capacity_pct']:.1f}%)"
+                for n in nets
+            )
+        )
+    gated = results.get("quality_gate_failed", [])
+    if gated:
+        print(
+            "WARNING: committed near chance (capacity.quality_gate=warn): tasks "
+            + " ".join(str(t + 1) for t in gated)
+        )
     print(
         f"packed model {results['packed_bytes']:,} bytes "
         f"(dense float32 backbone: {results['dense_float32_bytes']:,} bytes)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -272,6 +273,9 @@ class MlflowTracker(RunObserver):
             "task_shared_pct": rep["shared_pct"],
             "candidate_epochs": rep["candidate_epochs"],
             "training_seconds": rep["training_seconds"],
+            "network": rep.get("network", 0),
+            "float_test_acc": rep.get("float_test_acc", math.nan),
+            "quant_test_acc": rep.get("quant_test_acc", math.nan),
         }
         values.update({f"seconds_{k}": v for k, v in rep["seconds"].items()})
         values.update({f"test_acc_task_{j + 1}": v for j, v in enumerate(event.row)})
@@ -287,6 +291,10 @@ class MlflowTracker(RunObserver):
             metrics.append(Metric("quant_val_acc_by_bits", b["acc"], ts, b["bits"]))
         params = [Param("winner", str(rep["winner"])), Param("bit_width", str(rep["bit_width"]))]
         tags = [RunTag("qpacknet.commit_digest", rep.get("commit_digest", ""))]
+        if rep.get("quality_gate"):
+            tags.append(RunTag("qpacknet.quality_gate", rep["quality_gate"]))
+        if rep.get("when_full"):
+            tags.append(RunTag("qpacknet.when_full", rep["when_full"]))
         for stage, where in rep.get("ran_on", {}).items():
             text = ", ".join(where) if isinstance(where, list) else str(where)
             tags.append(RunTag(f"qpacknet.ran_on.{stage}", text))
@@ -373,6 +381,8 @@ class MlflowTracker(RunObserver):
             "task_inference_acc": results["task_inference_acc"],
             "class_incremental_acc": results["class_incremental_acc"],
             "packed_bytes": results["packed_bytes"],
+            "networks": len(results.get("networks", [])) or 1,
+            "quality_gate_failed": len(results.get("quality_gate_failed", [])),
             "seconds_total": results["seconds_total"],
             "candidate_epochs_per_second": tp["candidate_epochs_per_second"],
         }
