@@ -63,6 +63,15 @@ def tiny_config(**sections: dict) -> RunConfig:
     return validate(data)
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> object:
+    """A test that runs the CLI with ``threads=N`` changes torch's global thread count; later
+    tests (float32 comparisons among them) must run with the default again."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def blobs() -> BlobStream:
     return BlobStream()

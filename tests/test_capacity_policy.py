@@ -42,7 +42,7 @@ def _run(out: Path, *settings: str) -> tuple[int, str, str]:
         with redirect_stdout(stdout), redirect_stderr(stderr):
             rc = main(argv)
     finally:
-        torch.set_num_threads(threads)  # threads=1 must not leak into later tests
+        torch.set_num_threads(threads)  # also for the module-scoped run (no autouse there)
     return rc, stdout.getvalue(), stderr.getvalue()
 
 
