@@ -2,7 +2,7 @@
 
 For every backbone (the p-MNIST MLP and the conv nets of split CIFAR-100, 5-datasets,
 TinyImagenet and Imagenet100, each configured by its shipped preset), two arms run the same
-training code (:func:`qpacknet.train.fit` after :func:`qpacknet.worker.init_population`) on the
+training code (:func:`qpacknet.train.fit` after :func:`qpacknet.method.draw_candidates`) on the
 same batches: K candidates as one population (one forward/backward pass, ``K = --candidates``)
 versus K networks with K = 1 trained one after another. For the conv nets both arms run with
 contiguous (NCHW) activations and with ``net.channels_last``. The arms alternate (their order is
@@ -46,11 +46,11 @@ from typing import Any
 import torch
 
 from qpacknet.config import RunConfig, load_config
+from qpacknet.method import draw_candidates
 from qpacknet.nets import PopulationNet, build
 from qpacknet.pipeline import hardware, resolve_device
 from qpacknet.scenarios.base import Split
 from qpacknet.train import EpochReport, fit
-from qpacknet.worker import init_population
 
 RATIO = "sequential seconds / population seconds (>1: the population is faster)"
 
@@ -125,7 +125,7 @@ def config(b: Backbone, channels_last: bool) -> RunConfig:
 def make(cfg: RunConfig, b: Backbone, cands: list[int], device: str) -> PopulationNet:
     net = build(cfg.net, b.input_shape, b.classes, len(cands)).to(device)
     avail = {s.name: torch.ones(s.shape, dtype=torch.bool) for s in net.layer_specs}
-    init_population(net, avail, cfg, 0, cands)
+    draw_candidates(net, avail, cfg, 0, cands)
     return net
 
 

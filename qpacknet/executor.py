@@ -17,10 +17,11 @@ from qpacknet.config import RunConfig
 from qpacknet.devices import configure, describe, resolve_device
 from qpacknet.evaluation import EvalRequest, Evaluation, evaluate_stage
 from qpacknet.events import EventCallback, drive
+from qpacknet.method import QuantizedTask
 from qpacknet.scenarios.base import Split, TaskStream
 from qpacknet.search import CandidateResult
 from qpacknet.store import PackedStore
-from qpacknet.worker import CandidateWorker, QuantizedTask, TaskContext, TrainOutcome
+from qpacknet.worker import CandidateWorker, TaskContext, TrainOutcome
 
 
 def chunks(population: int, per_worker: int | None, workers: int = 1) -> list[list[int]]:

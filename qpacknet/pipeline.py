@@ -24,7 +24,6 @@ from qpacknet.checkpoint import check_same_config, load_checkpoint, save_checkpo
 from qpacknet.config import RunConfig
 from qpacknet.devices import cpu_model, resolve_device
 from qpacknet.errors import (
-    CommitRefused,
     DataError,
     ForgettingDetected,
     ModelFileError,
@@ -45,16 +44,17 @@ from qpacknet.events import (
 from qpacknet.executor import Executor
 from qpacknet.fileio import atomic_write_json, atomic_write_text
 from qpacknet.layout import CONFIG_FILE, MODEL_FILE, RESULTS_FILE
+from qpacknet.method import QuantizedTask, choose_winner, commit
 from qpacknet.metrics import AccuracyMatrix, InferenceFigures, TaskInference
 from qpacknet.nets import build
 from qpacknet.observers import RunObserver, RunStarted, TaskCommitted
 from qpacknet.progress import Progress
 from qpacknet.scenarios.base import TaskStream
-from qpacknet.search import CandidateResult, scores, select_winner
+from qpacknet.search import CandidateResult
 from qpacknet.stages import Stage, TaskStages
 from qpacknet.store import PackedStore, capacity, load_store, save_store
 from qpacknet.store.capacity import TaskCapacity
-from qpacknet.worker import QuantizedTask, TaskContext, TrainOutcome
+from qpacknet.worker import TaskContext, TrainOutcome
 
 __all__ = ["CONFIG_FILE", "MODEL_FILE", "RESULTS_FILE", "Pipeline", "hardware", "resolve_device"]
 
@@ -368,8 +368,7 @@ class Pipeline:
         t0 = time.perf_counter()
         results = sorted(self.executor.search(on_event), key=lambda r: r.index)
         self._check_search(results)
-        winner = select_winner(results, cfg.search.alpha, cfg.search.beta)
-        sc = scores(results, cfg.search.alpha, cfg.search.beta)
+        winner, sc = choose_winner(results, cfg)
         for r, s in zip(results, sc, strict=True):
             self.progress.candidate(t, r, s, r.index == winner)
         timer.seconds["search"] = time.perf_counter() - t0
@@ -465,31 +464,11 @@ class Pipeline:
         self.progress.line(f"WARNING: {message}; committing it marked (quality_gate=warn)")
 
     def _commit(self, t: int, q: QuantizedTask) -> None:
-        """COMMIT, checked bit for bit (DESIGN.md §4): what arrived must hash to the digest
-        the worker took of what it quantised, and after writing the words the store's
-        read-back must hash the same. No float from another process is compared: devices
-        and kernels differ in rounding. The model file is written only after both checks."""
+        """COMMIT (:func:`qpacknet.method.commit`, checked bit for bit), then the model file:
+        written only after both digest checks passed."""
         if q.shared is not None and not (self.config.sharing.enabled or self._forced_share):
             raise RuntimeError(f"task {t + 1}: QUANTIZE returned shared weights with sharing off")
-        received = q.parts_digest()
-        if received != q.digest:
-            raise CommitRefused(
-                f"task {t + 1}: COMMIT refused: the quantised task that reached the driver "
-                f"(digest {received[:16]}) is not what the worker quantised (digest "
-                f"{q.digest[:16]}); its codes, codebooks, masks or state changed on the way. "
-                f"Nothing was committed and {self.model_path} is unchanged; resume the run "
-                "(same command) to learn this task again"
-            )
-        task_id = self.store.commit(
-            q.masks, q.codes, q.codebooks, q.bit_width, q.task_state, q.shared
-        )
-        stored = self.store.parts(task_id).digest()
-        if stored != q.digest:
-            raise CommitRefused(
-                f"task {t + 1}: COMMIT refused: the packed words read back as digest "
-                f"{stored[:16]}, not the quantised task's {q.digest[:16]} (a packing bug); "
-                f"{self.model_path} is unchanged"
-            )
+        commit(self.store, q, f"task {t + 1}", str(self.model_path))
         save_store(self.store, self.model_path)
 
     def _check_promise(self, t: int) -> None:

@@ -1,5 +1,8 @@
 """The unit of work an executor runs: a chunk of candidates, trained as one population.
 
+What each stage computes is :mod:`qpacknet.method` (the method in one file); this module is
+where it runs: one process's state between the stages, the devices, and the events.
+
 A :class:`CandidateWorker` is pure torch (no Ray, no MLflow) so the in-process executor and
 the Ray actors run the same code. It keeps the trained population, so the winner's worker
 continues with TRAIN and QUANTIZE on the state it already holds; losers' weights are never
@@ -15,7 +18,7 @@ import math
 import os
 import time
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,12 +27,17 @@ from qpacknet.capacity_policy import chance_accuracy
 from qpacknet.config import RunConfig
 from qpacknet.errors import IllegalTransition
 from qpacknet.events import EpochEnded, Event, StageDone, StepDone
+from qpacknet.method import (
+    QuantizedTask,
+    draw_candidates,
+    quantize_winner,
+    score_candidates,
+    train_short,
+    train_winner,
+)
 from qpacknet.nets import PopulationNet, build
-from qpacknet.quantize import Criterion, QuantResult, ValFigures, bit_width_steps, val_figures
 from qpacknet.scenarios.base import Split
-from qpacknet.search import CandidateResult, draw_mask, draw_shared, weighted_sparsity
-from qpacknet.store.digest import task_digest
-from qpacknet.train import EpochReport, evaluate, fit_epochs, logits_of
+from qpacknet.train import EpochReport, evaluate
 
 
 @dataclass(frozen=True)
@@ -58,79 +66,6 @@ class TrainOutcome:
     epochs: int
     seconds: float
     chance_acc: float = 0.0
-
-
-@dataclass(frozen=True)
-class QuantizedTask:
-    """Everything COMMIT writes into the store, plus the bit-width search's report.
-
-    ``within_delta``: ``criterion`` accepted ``bit_width`` (False: no width was accepted and
-    ``b_max`` was used). ``tried`` holds ``(bits, val acc, val loss, agreement)`` per width
-    tried; ``float_*``, ``quant_*`` and ``agreement`` are the float network's and the chosen
-    width's validation figures. ``float_test_acc`` is the float network's test accuracy, for
-    reports only. None of these is part of the digest (``parts_digest``): COMMIT checks what it
-    writes, not what was measured.
-    """
-
-    candidate: int
-    bit_width: int
-    masks: dict[str, torch.Tensor]
-    codes: dict[str, torch.Tensor]
-    codebooks: dict[str, torch.Tensor]
-    task_state: dict[str, torch.Tensor]
-    float_acc: float
-    quant_acc: float
-    within_delta: bool
-    tried: list[tuple[int, float, float, float]] = field(default_factory=list)
-    shared: dict[str, torch.Tensor] | None = None
-    digest: str = ""
-    criterion: str = "accuracy"
-    float_loss: float = math.nan
-    quant_loss: float = math.nan
-    agreement: float = math.nan
-    float_test_acc: float = math.nan
-
-    def parts_digest(self) -> str:
-        """The digest of what this result asks COMMIT to write (recomputed, not ``digest``)."""
-        return task_digest(
-            self.bit_width, self.masks, self.codes, self.codebooks, self.task_state, self.shared
-        )
-
-
-def init_population(
-    net: PopulationNet,
-    available: dict[str, torch.Tensor],
-    cfg: RunConfig,
-    task: int,
-    candidates: list[int],
-    claimed: dict[str, torch.Tensor] | None = None,
-    frozen: dict[str, torch.Tensor] | None = None,
-) -> list[dict[str, torch.Tensor]]:
-    """Algorithm 1's start for ``candidates``: draw each one's mask among the available
-    weights and give it fresh Xavier weights; returns the masks (on the CPU). With ``claimed``
-    and ``frozen`` (weight sharing) each candidate also draws the earlier tasks' weights it
-    shares (:func:`~qpacknet.search.draw_shared`), read through ``net.set_sharing``."""
-    masks = [
-        draw_mask(net.layer_specs, available, cfg.search, cfg.seed, task, c) for c in candidates
-    ]
-    net.init_candidates(cfg.seed, task, candidates)
-    device = next(net.parameters()).device
-    net.set_masks([{k: v.to(device) for k, v in m.items()} for m in masks])
-    if claimed is not None and frozen is not None:
-        shared = [
-            draw_shared(net.layer_specs, claimed, m, cfg.sharing, cfg.seed, task, c)
-            for c, m in zip(candidates, masks, strict=True)
-        ]
-        net.set_sharing(frozen, shared)
-    return masks
-
-
-def _shared_fraction(net: PopulationNet, i: int) -> float:
-    """Fraction of all prunable weights slot ``i`` shares (0.0 without sharing)."""
-    shared = net.shared_mask(i)
-    if shared is None:
-        return 0.0
-    return sum(int(m.sum()) for m in shared.values()) / net.num_prunable()
 
 
 class CandidateWorker:
@@ -184,43 +119,16 @@ class CandidateWorker:
         if self.population is not None:
             raise IllegalTransition("this worker already searched its chunk")
         started = time.time()
-        net = self._new_net(len(candidates))
-        masks = init_population(
-            net,
-            self.ctx.available,
-            self.cfg,
-            self.ctx.task,
-            candidates,
-            self.ctx.claimed,
-            self.ctx.frozen,
+        ctx, net = self.ctx, self._new_net(len(candidates))
+        masks = draw_candidates(
+            net, ctx.available, self.cfg, ctx.task, candidates, ctx.claimed, ctx.frozen
         )
         accs = yield from self._epochs(
-            fit_epochs(
-                net,
-                self.train_split,
-                self.val_split,
-                self.cfg.train,
-                seed=self.cfg.seed,
-                task=self.ctx.task,
-                stage="search",
-                epochs=self.cfg.search.epochs,
-                schedule=False,
-                keep_best=False,
-            ),
-            candidates,
+            train_short(net, self.train_split, self.val_split, self.cfg, ctx.task), candidates
         )
         self.population = net
         self.candidates = list(candidates)
-        results = [
-            CandidateResult(
-                index=c,
-                acc=acc,
-                sparsity=weighted_sparsity(m, self.ctx.claimed),
-                density={k: float(v.float().mean()) for k, v in m.items()},
-                shared=_shared_fraction(net, i),
-            )
-            for i, (c, acc, m) in enumerate(zip(candidates, accs, masks, strict=True))
-        ]
+        results = score_candidates(net, candidates, accs, masks, ctx.claimed)
         yield self._done("search", candidates, results, started)
 
     def holds(self, candidate: int) -> bool:
@@ -241,18 +149,7 @@ class CandidateWorker:
         if hasattr(single, "key_dropout"):
             single.key_dropout(self.cfg.seed, self.ctx.task, [candidate])
         acc = yield from self._epochs(
-            fit_epochs(
-                single,
-                self.train_split,
-                self.val_split,
-                self.cfg.train,
-                seed=self.cfg.seed,
-                task=self.ctx.task,
-                stage="train",
-                epochs=self.cfg.train.epochs,
-                schedule=True,
-                keep_best=True,
-            ),
+            train_winner(single, self.train_split, self.val_split, self.cfg, self.ctx.task),
             [candidate],
         )
         self.single, self.single_candidate, self.float_acc = single, candidate, acc[0]
@@ -274,69 +171,29 @@ class CandidateWorker:
         if self.single is None or self.float_acc is None or self.single_candidate is None:
             raise IllegalTransition("quantize() needs a trained winner: call train() first")
         started = time.time()
-        weights, masks, state = self.single.candidate(0)
         probe = self._new_net(1)
         self._copy_sharing(self.single, 0, probe)
-        shared = self.single.shared_mask(0)
         batch = self.cfg.train.eval_batch_size
-        reference, float_pred = self._float_figures(self.single, self.float_acc)
         float_test_acc = evaluate(self.single, test.to(self.device), batch)[0]
-
-        def figures(dense: dict[str, torch.Tensor]) -> ValFigures:
-            probe.load_candidate(0, dense, masks, state)
-            logits = logits_of(probe, self.val_split, batch)[0]
-            return val_figures(logits, self.val_split.y, float_pred)
-
-        q = self.cfg.quantize
-        criterion = Criterion(q.criterion, q.delta, q.loss_tolerance, q.min_agreement)
-        steps = bit_width_steps(
-            weights, masks, figures, reference, q.psi_min, q.b_max, criterion, q.kmeans_iters
+        steps = quantize_winner(
+            self.single, probe, self.val_split, self.cfg, self.single_candidate, self.float_acc
         )
         while True:
             try:
-                bits, fig = next(steps)
+                bits, fig, seen = next(steps)
             except StopIteration as stop:
-                res: QuantResult = stop.value
+                result: QuantizedTask = stop.value
                 break
             yield StepDone(
                 "quantize",
                 self.ctx.task,
-                f"{bits}-bit codebooks ({criterion.describe(reference, fig)}), val acc",
+                f"{bits}-bit codebooks ({seen}), val acc",
                 perturbed(fig.acc),
                 time.time(),
                 self.where,
             )
-        result = QuantizedTask(
-            candidate=self.single_candidate,
-            bit_width=res.bits,
-            masks={k: v.cpu() for k, v in masks.items()},
-            codes={k: b.codes.cpu() for k, b in res.codebooks.items()},
-            codebooks={k: b.centroids.cpu() for k, b in res.codebooks.items()},
-            task_state={k: v.cpu() for k, v in state.items()},
-            float_acc=res.float_acc,
-            quant_acc=res.quant_acc,
-            within_delta=res.within_delta,
-            tried=[(b, f.acc, f.loss, f.agreement) for b, f in res.tried],
-            shared=None if shared is None else {k: v.cpu() for k, v in shared.items()},
-            criterion=q.criterion,
-            float_loss=res.reference.loss,
-            quant_loss=res.quant.loss,
-            agreement=res.quant.agreement,
-            float_test_acc=float_test_acc,
-        )
-        result = dataclasses.replace(result, digest=result.parts_digest())
+        result = dataclasses.replace(result, float_test_acc=float_test_acc)
         yield self._done("quantize", [self.single_candidate], _test_hooks(result), started)
-
-    def _float_figures(
-        self, net: PopulationNet, best_acc: float
-    ) -> tuple[ValFigures, torch.Tensor]:
-        """The float network's validation figures and predicted classes (what the agreement
-        criterion compares with). Its accuracy is Algorithm 3's ``Q``: TRAIN's best-epoch
-        validation accuracy ``best_acc``, the same count from the same weights."""
-        logits = logits_of(net, self.val_split, self.cfg.train.eval_batch_size)[0]
-        pred = logits.argmax(-1)
-        figures = val_figures(logits, self.val_split.y, pred)
-        return dataclasses.replace(figures, acc=best_acc), pred
 
     @staticmethod
     def _copy_sharing(source: PopulationNet, slot: int, target: PopulationNet) -> None:

@@ -22,6 +22,8 @@ from qpacknet.worker import TaskContext
 REPO = Path(__file__).resolve().parents[1]
 WORKER_SIDE = [
     "qpacknet/worker.py",
+    "qpacknet/method.py",
+    "qpacknet/capacity_policy.py",
     "qpacknet/executor.py",
     "qpacknet/events.py",
     "qpacknet/evaluation.py",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from qpacknet.config import TrainConfig
+from qpacknet.method import draw_candidates
 from qpacknet.nets import PopulationMLP
-from qpacknet.worker import init_population
 from tests.conftest import BlobStream, tiny_config
 from tests.helpers import all_available, assert_same_candidate, fit_first_task, search_results
 
@@ -15,7 +15,7 @@ def _population(k: int, dtype: torch.dtype) -> tuple[PopulationMLP, BlobStream]:
     stream = BlobStream(num_tasks=1, dim=12, classes=4, n=96)
     net = PopulationMLP(12, [10, 8], 4, k).to(dtype)
     cfg = tiny_config(seed=7)
-    init_population(net, all_available(net.layer_specs), cfg, 0, list(range(k)))
+    draw_candidates(net, all_available(net.layer_specs), cfg, 0, list(range(k)))
     return net, stream
 
 

@@ -39,10 +39,11 @@ from qpacknet.devices import DeviceError
 from qpacknet.evaluation import EvalRequest, Evaluation
 from qpacknet.events import EventCallback, StageDone, WorkerLost, drive
 from qpacknet.executor import Executor, chunks
+from qpacknet.method import QuantizedTask
 from qpacknet.scenarios.base import TaskStream
 from qpacknet.search import CandidateResult
 from qpacknet.store import PackedStore, save_store
-from qpacknet.worker import QuantizedTask, TaskContext, TrainOutcome
+from qpacknet.worker import TaskContext, TrainOutcome
 
 log = logging.getLogger(__name__)
 _ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
