@@ -149,3 +149,39 @@ def test_quality_gate_stops_a_task_that_learned_nothing(tmp_path: Path) -> None:
     report = res["tasks"][0]
     assert report["quality_gate"] == "failed"
     assert report["float_acc"] < report["chance_acc"] + 10.0
+
+
+def test_a_grown_model_is_tracked_and_learn_continues_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Dense 8-bit tasks fill a network's words after 4 tasks, so task 5 opens network 1.
+    MLflow records it (tags and the network metric of the task run), and ``qpacknet learn``
+    continues the registered two-network model with task 6 in network 1, the earlier tasks'
+    logits bit-identical across both networks."""
+    from mlflow.tracking import MlflowClient
+
+    from qpacknet.config import load_config
+    from qpacknet.scenarios import build_stream
+    from tests.helpers import learn_one_more_task
+
+    dense = ["search.v_min=0.0", "search.v_max=0.1", "quantize.psi_min=8"]
+    sets = ["scenario.num_tasks=5", "search.population=2", "search.epochs=1", "train.epochs=2"]
+    out = tmp_path / "run"
+    argv = ["run", "--preset", "digits", "--executor", "local", "--quiet", "--out", str(out)]
+    for s in [*sets, *dense]:
+        argv += ["--set", s]
+    assert main(argv) == 0, capsys.readouterr().err
+    res = _results(out)
+    assert [r["network"] for r in res["tasks"]] == [0, 0, 0, 0, 1]
+    client = MlflowClient(f"sqlite:///{(out / 'mlflow.db').resolve()}")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("qpacknet").experiment_id],
+        "tags.`qpacknet.when_full` = 'grow'",
+    )
+    assert len(runs) == 1 and runs[0].data.metrics["network"] == 1.0
+
+    cfg = load_config("digits", None, [*sets, *dense, "scenario.num_tasks=6"])
+    stream = build_stream(cfg.scenario, cfg.seed, None, "cpu")
+    after = learn_one_more_task(out, "qpacknet-digits", tmp_path / "learned", stream, capsys)
+    assert after.num_tasks == 6 and after.store.num_networks == 2
+    assert after.store.network_of(5) == 1
