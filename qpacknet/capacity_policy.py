@@ -95,24 +95,25 @@ def chance_accuracy(labels: torch.Tensor) -> float:
 
 
 def gate_failed(val_acc: float, chance: float, cfg: RunConfig) -> bool:
-    """The quality gate: TRAIN's best validation accuracy within ``chance_margin`` points of
-    chance."""
+    """The quality gate: a validation accuracy within ``chance_margin`` points of chance."""
     return val_acc < chance + cfg.capacity.chance_margin
 
 
-def gate_message(task: int, val_acc: float, chance: float, cfg: RunConfig, full: bool) -> str:
-    """Why a task near chance is not committed, with the likely cause and the way out."""
+def gate_message(
+    task: int, what: str, acc: float, chance: float, cfg: RunConfig, capped: bool
+) -> str:
+    """Why a task near chance is suspect (``what`` names the figure: TRAIN's or the quantised
+    network's validation accuracy), with the likely cause and what to change."""
     cause = (
-        "its network has (almost) no weights left for it: capacity.when_full=grow opens a "
-        "new network"
-        if full
-        else "too few epochs, a learning rate that diverged, or too few weights left in a "
-        "layer (see the availability line above)"
+        "its network has few weights left for it (see the availability line above); a lower "
+        "search.v_max raises the minimum density a task needs, so capacity.when_full acts "
+        "sooner"
+        if capped
+        else "too few epochs, a learning rate that diverged, or data the backbone cannot learn"
     )
     return (
-        f"task {task + 1}: validation accuracy after TRAIN is {val_acc:.2f} %, within "
+        f"task {task + 1}: {what} is {acc:.2f} %, within "
         f"capacity.chance_margin={cfg.capacity.chance_margin:g} points of chance "
         f"({chance:.2f} %, the largest class's share of the validation split). Likely cause: "
-        f"{cause}. The task was not committed. To commit such tasks anyway, marked in "
-        "results.json and MLflow, set capacity.quality_gate=warn"
+        f"{cause}"
     )

@@ -288,6 +288,15 @@ class RunConfig(_Strict):
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.capacity.when_full == "share" and self.sharing.max_fraction == 0:
+            raise ValueError(
+                "capacity.when_full=share with sharing.max_fraction=0 would share nothing once "
+                "the words are full; raise sharing.max_fraction or choose grow or stop"
+            )
+        return self
+
 
 PRESETS_PACKAGE = "qpacknet.presets"
 

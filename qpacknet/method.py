@@ -46,6 +46,10 @@ from qpacknet.train import EpochReport, fit_epochs, logits_of
 
 Masks = dict[str, torch.Tensor]
 
+REVISION = 2
+"""Bumped when a stage computes something else for the same settings, so that a run resumed
+from an older checkpoint can say so (2: Υ over every task's weights, eqs. 6-7)."""
+
 # --- 1. SEARCH (Algorithm 1) -------------------------------------------------------------
 
 
@@ -104,9 +108,9 @@ def score_candidates(
     masks: list[Masks],
     claimed: Masks | None,
 ) -> list[CandidateResult]:
-    """What a candidate reports: ``A_i``, Υ_i over every task's assignment (eqs. 6-7: the
-    weights no task would own if it were committed), its density per layer and the share of
-    the weights it reads from earlier tasks."""
+    """What a candidate reports: ``A_i``, Υ_i over every task's assignment in the network
+    (eqs. 6-7: the weights no task would own if it were committed; ``claimed``), its density
+    per layer and the share of the weights it reads from earlier tasks."""
     return [
         CandidateResult(
             index=c,

@@ -44,7 +44,7 @@ from qpacknet.events import (
 from qpacknet.executor import Executor
 from qpacknet.fileio import atomic_write_json, atomic_write_text
 from qpacknet.layout import CONFIG_FILE, MODEL_FILE, RESULTS_FILE
-from qpacknet.method import QuantizedTask, choose_winner, commit
+from qpacknet.method import REVISION, QuantizedTask, choose_winner, commit
 from qpacknet.metrics import AccuracyMatrix, InferenceFigures, TaskInference
 from qpacknet.nets import build
 from qpacknet.observers import RunObserver, RunStarted, TaskCommitted
@@ -54,7 +54,7 @@ from qpacknet.search import CandidateResult
 from qpacknet.stages import Stage, TaskStages
 from qpacknet.store import PackedStore, capacity, load_store, save_store
 from qpacknet.store.capacity import TaskCapacity
-from qpacknet.worker import TaskContext, TrainOutcome
+from qpacknet.worker import TaskContext
 
 __all__ = ["CONFIG_FILE", "MODEL_FILE", "RESULTS_FILE", "Pipeline", "hardware", "resolve_device"]
 
@@ -226,6 +226,13 @@ class Pipeline:
         if state is None:
             return 0
         check_same_config(state, self.config.model_dump(mode="json"), self.out_dir)
+        if state.get("method_revision", 1) != REVISION:
+            self.progress.line(
+                f"WARNING: {self.out_dir} was started by an earlier qpacknet (method revision "
+                f"{state.get('method_revision', 1)}, now {REVISION}: Υ counted only the "
+                "candidate's own weights); its tasks stay as committed, later tasks use eqs. 6-7 "
+                "over every task's weights, so this run will differ from an uninterrupted one"
+            )
         if len(state["tasks"]) > self.config.scenario.num_tasks:
             raise UsageError(
                 f"{self.out_dir} already holds {len(state['tasks'])} tasks, more than "
@@ -273,6 +280,7 @@ class Pipeline:
             self.out_dir,
             {
                 "config": self.config.model_dump(mode="json"),
+                "method_revision": REVISION,
                 "matrix": self.matrix.rows,
                 "val_matrix": self.val_matrix.rows,
                 "tasks": self.task_reports,
@@ -385,7 +393,9 @@ class Pipeline:
         self.progress.stage(
             t, "TRAIN", timer.seconds["train"], f"best val acc {outcome.float_acc:.2f}"
         )
-        self._quality_gate(t, outcome, any(r.capped for r in rooms))
+        capped = any(r.capped for r in rooms)
+        chance = outcome.chance_acc
+        self._quality_gate(t, "validation accuracy after TRAIN", outcome.float_acc, chance, capped)
 
         stages.advance(Stage.QUANTIZE)
         t0 = time.perf_counter()
@@ -393,6 +403,9 @@ class Pipeline:
         self._check_quantized(q, winner)
         timer.seconds["quantize"] = time.perf_counter() - t0
         self.progress.stage(t, "QUANTIZE", timer.seconds["quantize"], _quantize_summary(q))
+        self._quality_gate(
+            t, "the quantised network's validation accuracy", q.quant_acc, chance, capped
+        )
 
         stages.advance(Stage.COMMIT)
         t0 = time.perf_counter()
@@ -448,20 +461,26 @@ class Pipeline:
         )
         return rooms
 
-    def _quality_gate(self, t: int, outcome: TrainOutcome, capped: bool) -> None:
-        """A task whose TRAIN accuracy is within ``capacity.chance_margin`` of chance is not
-        committed silently: the run stops (``quality_gate: stop``) or warns and marks it."""
-        failed = capacity_policy.gate_failed(outcome.float_acc, outcome.chance_acc, self.config)
-        self._log.capacity["chance_acc"] = outcome.chance_acc
-        self._log.capacity["quality_gate"] = "failed" if failed else "passed"
-        if not failed:
+    def _quality_gate(self, t: int, what: str, acc: float, chance: float, capped: bool) -> None:
+        """A task whose validation accuracy (after TRAIN, and again after QUANTIZE) is within
+        ``capacity.chance_margin`` of chance is not committed silently: the run stops
+        (``quality_gate: stop``) or warns and marks it (``warn``)."""
+        self._log.capacity["chance_acc"] = chance
+        if not capacity_policy.gate_failed(acc, chance, self.config):
+            self._log.capacity.setdefault("quality_gate", "passed")
             return
-        message = capacity_policy.gate_message(
-            t, outcome.float_acc, outcome.chance_acc, self.config, capped
-        )
+        self._log.capacity["quality_gate"] = "failed"
+        message = capacity_policy.gate_message(t, what, acc, chance, self.config, capped)
         if self.config.capacity.quality_gate == "stop":
-            raise TaskNotLearned(message)
-        self.progress.line(f"WARNING: {message}; committing it marked (quality_gate=warn)")
+            raise TaskNotLearned(
+                f"{message}. The task was not committed; {self.model_path} holds tasks "
+                f"1..{t}. To commit such tasks anyway, marked in results.json and MLflow, set "
+                "capacity.quality_gate=warn"
+            )
+        self.progress.line(
+            f"WARNING: {message}. Committing it anyway, marked in results.json and MLflow "
+            "(capacity.quality_gate=warn)"
+        )
 
     def _commit(self, t: int, q: QuantizedTask) -> None:
         """COMMIT (:func:`qpacknet.method.commit`, checked bit for bit), then the model file:

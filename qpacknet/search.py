@@ -67,11 +67,11 @@ def weighted_sparsity(
 ) -> float:
     """Υ (eqs. 6-7): the size-weighted fraction of prunable weights that would still belong
     to no task if this candidate were committed, i.e. ``1 - |assigned ∪ M_i| / |θ|`` summed
-    over layers. ``assigned`` is every committed task's mask (:meth:`PackedStore.claimed`;
-    None before the first task). A candidate that reuses weights earlier tasks already own
-    (their words have room for another component) therefore scores as sparser than one that
-    takes fresh weights, which the paper's reading rewards and the candidate's own sparsity
-    alone would not see."""
+    over layers. ``assigned`` is the union of the committed tasks' masks in the task's network
+    (:meth:`PackedStore.claimed`; None for a network's first task). A candidate that reuses
+    weights earlier tasks already own (their words have room for another component) therefore
+    scores as sparser than one that takes fresh weights, which the paper's reading rewards and
+    the candidate's own sparsity alone would not see."""
     total = sum(m.numel() for m in masks.values())
     if assigned is None:
         used = sum(int(m.sum()) for m in masks.values())

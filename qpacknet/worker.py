@@ -43,9 +43,10 @@ from qpacknet.train import EpochReport, evaluate
 @dataclass(frozen=True)
 class TaskContext:
     """Everything about a task a worker needs besides its data (picklable). ``claimed`` is
-    the store's :meth:`~PackedStore.claimed` (every committed task's weights; None for the
-    first task): Υ (eqs. 6-7) counts a candidate's weights together with it. With weight
-    sharing, ``frozen`` is :meth:`~PackedStore.first_values` (None otherwise)."""
+    the store's :meth:`~PackedStore.claimed` (the weights the newest network's committed
+    tasks own; None for each network's first task): Υ (eqs. 6-7) counts a candidate's
+    weights together with it. With weight sharing, ``frozen`` is
+    :meth:`~PackedStore.first_values` (None otherwise)."""
 
     config: RunConfig
     task: int

@@ -185,3 +185,25 @@ def test_a_grown_model_is_tracked_and_learn_continues_it(
     after = learn_one_more_task(out, "qpacknet-digits", tmp_path / "learned", stream, capsys)
     assert after.num_tasks == 6 and after.store.num_networks == 2
     assert after.store.network_of(5) == 1
+
+
+def test_quality_gate_also_checks_the_quantised_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task that trained well but whose quantised network sits near chance (no width met
+    the criterion and b_max fell short) is not committed either."""
+    import dataclasses
+
+    from qpacknet.executor import LocalExecutor
+
+    quantize = LocalExecutor.quantize
+
+    def near_chance(self: LocalExecutor, on_event: object = None) -> object:
+        return dataclasses.replace(quantize(self, on_event), quant_acc=5.0, within_delta=False)
+
+    monkeypatch.setattr(LocalExecutor, "quantize", near_chance)
+    rc, _, err = _run(tmp_path, "scenario.num_tasks=1")
+    assert rc == 1, err
+    assert "task 1: the quantised network's validation accuracy is 5.00 %" in err
+    assert "The task was not committed" in err
+    assert not (tmp_path / MODEL_FILE).exists()

@@ -155,3 +155,35 @@ def test_capacity_counts_every_network() -> None:
     bits0 = sum(e.bits for e in cap.per_task[:4])
     assert cap.networks[0].capacity_pct == 100.0 * bits0 / cap.dense_bits
     assert cap.capacity_pct > 100.0, "4 dense 8-bit tasks plus two more exceed one backbone"
+
+
+def _rewrite_header(tmp_path: Path, edit: object) -> Path:
+    store, _ = _grown()
+    path = tmp_path / "m.safetensors"
+    save_store(store, path)
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.loads(handle.metadata()["qpacknet"])
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    edit(header)  # type: ignore[operator]
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={"qpacknet": json.dumps(header)})
+    return bad
+
+
+def test_a_header_that_moves_a_task_to_another_network_is_refused(tmp_path: Path) -> None:
+    """The map is also a checksummed tensor: a header whose map is well formed but moves
+    task 3 into network 1 (its decoded weights would come from other words) is refused."""
+
+    def move(header: dict) -> None:
+        header["tasks"][3]["network"] = 1
+
+    with pytest.raises(ModelFileError, match="puts task 3 in network 1, the checksummed"):
+        load_store(_rewrite_header(tmp_path, move))
+
+
+def test_a_version_3_task_without_its_network_is_refused(tmp_path: Path) -> None:
+    def drop(header: dict) -> None:
+        del header["tasks"][2]["network"]
+
+    with pytest.raises(ModelFileError, match="header entry of task 2 is malformed"):
+        load_store(_rewrite_header(tmp_path, drop))

@@ -3,8 +3,8 @@
 :class:`PackedStore` holds the tasks in memory, :func:`save_store`/:func:`load_store` move them
 to and from one safetensors file, :func:`capacity` reports the paper's eq. 10, and
 :func:`task_digest` / :meth:`PackedStore.parts` give the bit-for-bit check of a commit
-(DESIGN.md §2 COMMIT). Modules depend one way only: ``packed`` on ``bits``-free ``digest``;
-``capacity`` and ``fileformat`` on ``packed``.
+(DESIGN.md §2 COMMIT). Modules depend one way only: ``packed`` on ``digest``; ``capacity``
+on ``packed``; ``fileformat`` on ``packed`` and ``bits``.
 """
 
 from qpacknet.layerspec import LayerSpec

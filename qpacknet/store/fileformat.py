@@ -18,6 +18,9 @@ Tensors (``{t}`` is the task id, ``{layer}`` a layer name verbatim, dots include
     float32, ``2**b_t`` centroids.
 ``task.{t}.state.{name}``
     the task's ``task_state`` tensors as given (head weight and bias, normalisation state).
+``networks``
+    only in a version-3 file: int64, one entry per task, its network (the same map as the
+    header's, but under a checksum, so a damaged header cannot move a task to other words).
 ``task.{t}.shared.{layer}``
     only for a task that shares weights (TinySubNets option): uint8 bitset like the mask, the
     earlier tasks' weights it reads. Shared weights have no codes.
@@ -41,9 +44,10 @@ document:
 ``tasks``
     list, in task order, of ``{"bit_width": int, "code_counts": {layer: int}, "state": [name,
     ...]}`` (plus ``"shared": true`` for a task that shares weights, and ``"network": k`` in a
-    version-3 file); ``code_counts`` is each layer's mask popcount. Networks are numbered in
-    the order they were opened: the first task is in network 0 and each task is in its
-    predecessor's network or the next one (:meth:`PackedStore.grow`).
+    version-3 file, where every task names it); ``code_counts`` is each layer's mask
+    popcount. Networks are numbered in the order they were opened: the first task is in
+    network 0 and each task is in its predecessor's network or the next one
+    (:meth:`PackedStore.grow`).
 ``sha256``
     ``{tensor name: hex digest}`` of every tensor's raw bytes, so that damage inside the tensor
     data (which safetensors itself does not detect) is caught on load.
@@ -77,6 +81,7 @@ FORMAT_VERSION = 1
 SHARING_VERSION = 2
 NETWORKS_VERSION = 3
 VERSIONS = (FORMAT_VERSION, SHARING_VERSION, NETWORKS_VERSION)
+NETWORKS_TENSOR = "networks"
 METADATA_KEY = "qpacknet"
 
 
@@ -119,6 +124,10 @@ def _encode(store: PackedStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         if store.num_networks > 1:
             entry["network"] = store.network_of(t)
         tasks.append(entry)
+    if store.num_networks > 1:
+        tensors[NETWORKS_TENSOR] = torch.tensor(
+            [store.network_of(t) for t in range(store.num_tasks)], dtype=torch.int64
+        )
     sharing = any(entry.get("shared") for entry in tasks)
     version = SHARING_VERSION if sharing else FORMAT_VERSION
     header = {
@@ -267,7 +276,7 @@ def _network_ok(entry: Any, before: Any, version: Any) -> bool:
     network = entry.get("network", 0) if isinstance(entry, dict) else None
     if isinstance(network, bool) or not isinstance(network, int):
         return False
-    if "network" in entry and version != NETWORKS_VERSION:
+    if ("network" in entry) != (version == NETWORKS_VERSION):
         return False
     previous = before.get("network", 0) if isinstance(before, dict) else None
     if before is None:
@@ -300,6 +309,8 @@ def _expected_tensors(
                 )
         for key in entry["state"]:
             expected[_tensor_name(t, "state", key)] = (None, None)
+    if any("network" in entry for entry in tasks):
+        expected[NETWORKS_TENSOR] = (torch.int64, (len(tasks),))
     return expected
 
 
@@ -349,6 +360,16 @@ def load_store(path: str | os.PathLike[str]) -> PackedStore:
             )
         if digests.get(name) != _digest(tensor):
             raise _fail(path, f"checksum mismatch in tensor {name!r}", _DAMAGED_FIX)
+    if NETWORKS_TENSOR in expected:
+        saved = tensors[NETWORKS_TENSOR].tolist()
+        for t, entry in enumerate(tasks):
+            if entry["network"] != saved[t]:
+                raise _fail(
+                    path,
+                    f"the header puts task {t} in network {entry['network']}, the checksummed "
+                    f"task -> network map in network {saved[t]}",
+                    _DAMAGED_FIX,
+                )
 
     for t, entry in enumerate(tasks):
         width = entry["bit_width"]

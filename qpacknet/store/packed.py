@@ -191,6 +191,8 @@ class PackedStore:
         """Per layer, the value of every claimed weight's first component in ``network`` (the
         newest by default; 0.0 elsewhere): what a task that shares the weight reads. Built from
         the tasks' decoded weights in commit order, so the earliest owner of each weight wins."""
+        if network is not None and not 0 <= network < len(self._nets):
+            raise StoreError(f"no network {network!r}: the store has {len(self._nets)}")
         net = self._nets[-1 if network is None else network]
         if net.first is not None:
             return dict(net.first)
