@@ -108,6 +108,19 @@ def test_one_network_file_keeps_the_old_format(tmp_path: Path) -> None:
     assert load_store(path).num_networks == 1
 
 
+def _rewrite_header(tmp_path: Path, edit: object) -> Path:
+    store, _ = _grown()
+    path = tmp_path / "m.safetensors"
+    save_store(store, path)
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.loads(handle.metadata()["qpacknet"])
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    edit(header)  # type: ignore[operator]
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={"qpacknet": json.dumps(header)})
+    return bad
+
+
 @pytest.mark.parametrize(
     ("networks", "version", "problem"),
     [
@@ -120,17 +133,12 @@ def test_one_network_file_keeps_the_old_format(tmp_path: Path) -> None:
 def test_a_damaged_network_map_is_refused(
     tmp_path: Path, networks: list[int], version: int, problem: str
 ) -> None:
-    store, _ = _grown()
-    path = tmp_path / "m.safetensors"
-    save_store(store, path)
-    with safe_open(str(path), framework="pt") as handle:
-        header = json.loads(handle.metadata()["qpacknet"])
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    for entry, n in zip(header["tasks"], networks, strict=True):
-        entry["network"] = n
-    header["version"] = version
-    bad = tmp_path / "bad.safetensors"
-    save_file(tensors, str(bad), metadata={"qpacknet": json.dumps(header)})
+    def damage(header: dict) -> None:
+        for entry, n in zip(header["tasks"], networks, strict=True):
+            entry["network"] = n
+        header["version"] = version
+
+    bad = _rewrite_header(tmp_path, damage)
     with pytest.raises(ModelFileError, match="malformed") as info:
         load_store(bad)
     assert str(bad) in str(info.value), problem
@@ -155,19 +163,6 @@ def test_capacity_counts_every_network() -> None:
     bits0 = sum(e.bits for e in cap.per_task[:4])
     assert cap.networks[0].capacity_pct == 100.0 * bits0 / cap.dense_bits
     assert cap.capacity_pct > 100.0, "4 dense 8-bit tasks plus two more exceed one backbone"
-
-
-def _rewrite_header(tmp_path: Path, edit: object) -> Path:
-    store, _ = _grown()
-    path = tmp_path / "m.safetensors"
-    save_store(store, path)
-    with safe_open(str(path), framework="pt") as handle:
-        header = json.loads(handle.metadata()["qpacknet"])
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    edit(header)  # type: ignore[operator]
-    bad = tmp_path / "bad.safetensors"
-    save_file(tensors, str(bad), metadata={"qpacknet": json.dumps(header)})
-    return bad
 
 
 def test_a_header_that_moves_a_task_to_another_network_is_refused(tmp_path: Path) -> None:
