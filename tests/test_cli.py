@@ -137,7 +137,7 @@ def test_predict_matches_logits_argmax(tmp_path: Path) -> None:
 
 def test_add_task_job_extends_a_run_like_a_longer_run(tmp_path: Path) -> None:
     short, full = tmp_path / "short", tmp_path / "full"
-    base = ["run", "--preset", "digits", "--quiet", "--executor", "local"]
+    base = ["run", "--preset", "digits", "--quiet", "--executor", "local", "--no-tracking"]
     assert _run(*base, "--set", "scenario.num_tasks=2", "--out", str(short)).returncode == 0
     x = PermutedDigits(num_tasks=2, val_fraction=0.15).test_split(0).x
     before = PackedModel.load(short / "model.safetensors").logits(0, x)
