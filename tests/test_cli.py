@@ -54,7 +54,9 @@ def test_digits_preset_end_to_end(tmp_path: Path) -> None:
     # re-running a finished run resumes after its last task: nothing is re-learned (the
     # executor may differ: where candidates train does not change what they learn)
     model_bytes = (out / "model.safetensors").read_bytes()
-    again = _run("run", "--preset", "digits", "--out", str(out), "--executor", "local")
+    again = _run(
+        "run", "--preset", "digits", "--out", str(out), "--executor", "local", "--no-tracking"
+    )
     assert again.returncode == 0, again.stderr
     assert "resuming after task 4" in again.stdout and " SEARCH done" not in again.stdout
     assert " start\n" not in again.stdout
