@@ -16,6 +16,7 @@ import torch
 
 from qpacknet.config import RunConfig
 from qpacknet.layerspec import LayerSpec
+from qpacknet.search import owned_count
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,14 @@ def room(
     cfg: RunConfig,
 ) -> list[LayerRoom]:
     """Per layer, the available weights and the range of counts a candidate asks for (the
-    same rounding as :func:`qpacknet.search.draw_mask`)."""
+    same rounding as :func:`qpacknet.search.draw_mask`, via :func:`owned_count`)."""
     return [
         LayerRoom(
             spec.name,
             int(available[spec.name].sum()),
             spec.numel,
-            round((1.0 - cfg.search.v_max) * spec.numel),
-            round((1.0 - cfg.search.v_min) * spec.numel),
+            owned_count(spec.numel, cfg.search.v_max),
+            owned_count(spec.numel, cfg.search.v_min),
         )
         for spec in layers
     ]

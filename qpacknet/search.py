@@ -11,6 +11,12 @@ from qpacknet.layerspec import LayerSpec
 from qpacknet.seeding import generator
 
 
+def owned_count(numel: int, sparsity: float) -> int:
+    """Weights a candidate asks for in a layer of ``numel`` at ``sparsity``: the rounding
+    Algorithm 1's draw and the capacity check before SEARCH must share."""
+    return round((1.0 - sparsity) * numel)
+
+
 def draw_mask(
     layers: list[LayerSpec],
     available: dict[str, torch.Tensor],
@@ -26,7 +32,7 @@ def draw_mask(
     masks = {}
     for spec in layers:
         s = cfg.v_min + (cfg.v_max - cfg.v_min) * torch.rand((), generator=g, dtype=torch.float64)
-        want = round((1.0 - float(s)) * spec.numel)
+        want = owned_count(spec.numel, float(s))
         free = available[spec.name].flatten().nonzero().flatten().cpu()
         pick = free[torch.randperm(free.numel(), generator=g)[: min(want, free.numel())]]
         m = torch.zeros(spec.numel, dtype=torch.bool)
