@@ -17,6 +17,7 @@ from pathlib import Path
 from qpacknet.checkpoint import CHECKPOINT_FILE
 from qpacknet.cli import main
 from qpacknet.pipeline import CONFIG_FILE
+from qpacknet.rundir_lock import RunDirBusy, hold_run_dir
 
 
 def add_task(argv: list[str]) -> int:
@@ -26,6 +27,19 @@ def add_task(argv: list[str]) -> int:
     ap.add_argument("--executor", choices=["local", "ray"], default="ray")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if not out.is_dir():
+        print(f"add_task: error: {out} is not a directory; pass a run's --out", file=sys.stderr)
+        return 2
+    try:
+        # held across reading the task count and the run, so no writer slips in between
+        with hold_run_dir(out, " ".join(["add_task.py", *argv])):
+            return _add_task(out, args)
+    except RunDirBusy as exc:
+        print(f"add_task: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_task(out: Path, args: argparse.Namespace) -> int:
     if not (out / CHECKPOINT_FILE).is_file() or not (out / CONFIG_FILE).is_file():
         print(
             f"add_task: error: {out} holds no qpacknet run ({CHECKPOINT_FILE} and "

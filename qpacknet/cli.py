@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
         "--tracking-uri", help="the registry's tracking URI (default: $MLFLOW_TRACKING_URI)"
     )
     learn.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    learn.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="exit 2 instead of waiting when another learn is extending the same model",
+    )
     show = sub.add_parser("config", help="print the resolved config as YAML")
     src2 = show.add_mutually_exclusive_group(required=True)
     src2.add_argument("--preset")
@@ -96,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.command_line = " ".join(["qpacknet", *(sys.argv[1:] if argv is None else argv)])
     try:
         if args.command == "presets":
             print("\n".join(preset_names()))
@@ -130,19 +136,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _out_dir(cfg: RunConfig, args: argparse.Namespace) -> Path:
+    if args.out:
+        return Path(args.out)
+    return Path("runs") / f"{args.preset or cfg.scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _check_out_dir(out: Path) -> None:
     from qpacknet.layout import CHECKPOINT_FILE, MODEL_FILE
 
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("runs") / (f"{args.preset or cfg.scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    )
     if (out / MODEL_FILE).exists() and not (out / CHECKPOINT_FILE).exists():
         raise UsageError(
             f"{out} already holds a model ({MODEL_FILE}) that no run checkpoint describes; "
             "pass a new --out, or move that file away first"
         )
-    return out
 
 
 def _load(cfg: RunConfig, data_dir: str | None, train_here: bool) -> tuple[Any, str]:
@@ -189,12 +195,22 @@ def _ray_executor(cfg: RunConfig, data_dir: str | None) -> tuple[Any, Any]:
 
 
 def _run(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from qpacknet.rundir_lock import hold_run_dir
+
     out = _out_dir(cfg, args)
+    with hold_run_dir(out, getattr(args, "command_line", None)):
+        _check_out_dir(out)
+        return _run_held(cfg, args, out)
+
+
+def _run_held(cfg: RunConfig, args: argparse.Namespace, out: Path) -> int:
+    """``_run`` once this process is the run directory's only writer."""
     tracker = None
     if cfg.tracking.enabled:
         from qpacknet.tracking.tracker import MlflowTracker
 
-        tracker = MlflowTracker(cfg.tracking, out)  # opens the store in the background
+        # opens the store in the background
+        tracker = MlflowTracker(cfg.tracking, out, getattr(args, "lineage", None))
     if cfg.executor.kind == "ray":
         executor, stream = _ray_executor(cfg, args.data_dir)
     else:
@@ -218,14 +234,20 @@ def _run(cfg: RunConfig, args: argparse.Namespace) -> int:
     _summary(results, pipeline, out)
     if tracker is not None:
         print(tracker.summary())
+        if tracker.conflict is not None:
+            raise tracker.conflict
     return 0
 
 
 def _learn(args: argparse.Namespace) -> int:
+    import contextlib
+    import dataclasses
     import os
     import tempfile
 
+    from qpacknet.rundir_lock import hold_run_dir
     from qpacknet.tracking.learn import fetch, next_task_config, prepare_run_dir
+    from qpacknet.tracking.registry import Lineage, hold_registered_model, say_stderr
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -235,31 +257,72 @@ def _learn(args: argparse.Namespace) -> int:
         )
     if not args.model.startswith(("models:/", "runs:/")):
         raise UsageError(f"--model {args.model!r} must look like models:/NAME/VERSION")
-    with tempfile.TemporaryDirectory(prefix="qpacknet-learn-") as tmp:
-        model = fetch(args.model, uri, Path(tmp))
-        new = None
-        if args.preset or args.config:
-            new = load_config(args.preset, args.config, args.overrides)
-        elif args.overrides:
-            new = _with_overrides(yaml_dump(model.config), args.overrides)
-        overrides = [f"tracking.uri={uri}"]
-        if model.name:
-            overrides.append(f"tracking.registered_model={model.name}")
-        if args.executor:
-            overrides.append(f"executor.kind={args.executor}")
-        cfg = next_task_config(model, new)
-        cfg = _with_overrides(yaml_dump(cfg), overrides)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = Path(args.out or f"runs/learn-{model.name or 'model'}-v{model.version}-{stamp}")
-        prepare_run_dir(model, cfg, out)
-    print(
-        f"learning task {model.num_tasks + 1} on top of {args.model} "
-        f"({model.name} version {model.version}, {model.num_tasks} tasks); work dir {out}"
-    )
-    run_args = argparse.Namespace(
-        out=str(out), preset=None, data_dir=args.data_dir, quiet=args.quiet
-    )
-    return _run(cfg, run_args)
+    name = _registered_name(args.model)
+    with contextlib.ExitStack() as held:
+        if args.out:  # refuse a busy work dir before anything is downloaded or waited for
+            held.enter_context(hold_run_dir(Path(args.out), args.command_line))
+        if name:
+            held.enter_context(
+                hold_registered_model(
+                    uri, name, args.command_line, wait=not args.no_wait, say=say_stderr
+                )
+            )
+        with tempfile.TemporaryDirectory(prefix="qpacknet-learn-") as tmp:
+            model = fetch(args.model, uri, Path(tmp))
+            lineage = None
+            if model.name and model.version:
+                lineage = Lineage(model.version, args.model.endswith("/latest"), "")
+                if not lineage.from_latest:
+                    _refuse_second_child(uri, model.name, lineage)
+            new = None
+            if args.preset or args.config:
+                new = load_config(args.preset, args.config, args.overrides)
+            elif args.overrides:
+                new = _with_overrides(yaml_dump(model.config), args.overrides)
+            overrides = [f"tracking.uri={uri}"]
+            if model.name:
+                overrides.append(f"tracking.registered_model={model.name}")
+            if args.executor:
+                overrides.append(f"executor.kind={args.executor}")
+            cfg = next_task_config(model, new)
+            cfg = _with_overrides(yaml_dump(cfg), overrides)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            out = Path(args.out or f"runs/learn-{model.name or 'model'}-v{model.version}-{stamp}")
+            held.enter_context(hold_run_dir(out, args.command_line))
+            prepare_run_dir(model, cfg, out)
+        if lineage is not None:
+            lineage = dataclasses.replace(lineage, work_dir=str(out))
+        print(
+            f"learning task {model.num_tasks + 1} on top of {args.model} "
+            f"({model.name} version {model.version}, {model.num_tasks} tasks); work dir {out}"
+        )
+        run_args = argparse.Namespace(
+            out=str(out),
+            preset=None,
+            data_dir=args.data_dir,
+            quiet=args.quiet,
+            command_line=args.command_line,
+            lineage=lineage,
+        )
+        return _run(cfg, run_args)
+
+
+def _registered_name(model_uri: str) -> str:
+    """``NAME`` of ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` ('' for runs:/)."""
+    if not model_uri.startswith("models:/"):
+        return ""
+    rest = model_uri[len("models:/") :]
+    return rest.split("@", 1)[0] if "@" in rest else rest.rsplit("/", 1)[0]
+
+
+def _refuse_second_child(uri: str, name: str, lineage: Any) -> None:
+    """An explicit older version that already has a child would fork the registry: refuse
+    before training (the same check runs again right before registering)."""
+    from mlflow import MlflowClient
+
+    from qpacknet.tracking.registry import check_before_register
+
+    check_before_register(MlflowClient(uri, uri), name, lineage, before_training=True)
 
 
 def yaml_dump(cfg: RunConfig) -> str:

@@ -170,8 +170,8 @@ def test_learn_adds_a_task_as_the_next_version_and_keeps_old_tasks(
     res = json.loads((out / "results.json").read_text())
     assert res["accuracy_matrix"][:2] == run["results"]["accuracy_matrix"]
 
-    v1 = ["learn", "--model", f"models:/{NAME}/1", "--tracking-uri", uri]
-    bad = main([*v1, "--set", "net.hidden=[8]", "--out", str(tmp_path / "bad")])
+    v3 = ["learn", "--model", f"models:/{NAME}/3", "--tracking-uri", uri]
+    bad = main([*v3, "--set", "net.hidden=[8]", "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err
     assert bad == 2 and "net is" in err and "can only grow with the settings" in err
     assert not (tmp_path / "bad" / "model.safetensors").exists()

@@ -31,6 +31,14 @@ from qpacknet.layout import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, RESULTS_FI
 from qpacknet.observers import RunObserver, RunStarted, TaskCommitted
 from qpacknet.tracking.candidates import CandidateRuns
 from qpacknet.tracking.client import Background, SafeTracking
+from qpacknet.tracking.registry import (
+    ALIAS,
+    PARENT_TAG,
+    Lineage,
+    RegistryConflict,
+    check_after_register,
+    check_before_register,
+)
 
 log = logging.getLogger("qpacknet.tracking")
 STATE_FILE = "mlflow.json"
@@ -80,8 +88,10 @@ def _metrics(values: dict[str, float], step: int = 0) -> list[Any]:
 class MlflowTracker(RunObserver):
     """Logs a pipeline run to MLflow; see the module docstring."""
 
-    def __init__(self, cfg: TrackingConfig, out_dir: Path) -> None:
+    def __init__(self, cfg: TrackingConfig, out_dir: Path, lineage: Lineage | None = None) -> None:
         self.cfg = cfg
+        self.lineage = lineage
+        self.conflict: RegistryConflict | None = None
         self.out_dir = Path(out_dir)
         self.uri = resolve_uri(cfg, self.out_dir)
         self.local_store = self.uri.startswith("sqlite:")
@@ -310,17 +320,19 @@ class MlflowTracker(RunObserver):
             "logging run progress", client.log_batch, self.run_id, _metrics(progress, t + 1)
         )
         if self.cfg.register_models:
-            self._register(t, run_id, snapshot)
+            self._register(event, run_id, snapshot)
         self.safe.call("closing a task run", client.set_terminated, run_id, "FINISHED")
         self._closed.add(t)
         self._save_state()
         shutil.rmtree(snapshot, ignore_errors=True)
 
-    def _register(self, task: int, run_id: str, snapshot: Path) -> None:
-        """Log the packed model after ``task`` as a pyfunc model and register a new version."""
+    def _register(self, event: TaskCommitted, run_id: str, snapshot: Path) -> None:
+        """Log the packed model after the task as a pyfunc model and register a new version
+        whose parent is the previous task's version (a learn's first: the version it
+        extends), guarded against forks (:mod:`~qpacknet.tracking.registry`)."""
         from qpacknet.tracking.pyfunc import save_packed_model
 
-        client = self.safe.client
+        client, task = self.safe.client, event.task
         model_dir = snapshot / "model"
         try:
             save_packed_model(model_dir, snapshot, self._input_shape)
@@ -330,21 +342,51 @@ class MlflowTracker(RunObserver):
         self.safe.call("logging the model", client.log_artifacts, run_id, str(model_dir), "model")
         if self._ensure_registered() is None:
             return
-        source = f"runs:/{run_id}/model"
+        lineage = self.lineage
+        parent = self.versions.get(task - 1) or (lineage.parent if lineage else "")
+        guarded = lineage is not None and parent == lineage.parent
+        if guarded and not self._guard(check_before_register, client, self.model_name, lineage):
+            return
         mv = self.safe.call(
             "registering the model version",
             client.create_model_version,
             self.model_name,
-            source,
+            f"runs:/{run_id}/model",
             run_id=run_id,
-            tags={"qpacknet.tasks": str(task + 1)},
+            tags={"qpacknet.tasks": str(task + 1), PARENT_TAG: parent},
             description=f"packed model after task {task + 1}",
         )
-        if mv is not None:
-            self.versions[task] = str(mv.version)
-            self.safe.call(
-                "tagging the model version", client.set_tag, run_id, "model_version", mv.version
-            )
+        if mv is None:
+            return
+        version = str(mv.version)
+        if guarded and not self._guard(
+            check_after_register, client, self.model_name, lineage, version
+        ):
+            return
+        self.versions[task] = version
+        self.safe.call(
+            "tagging the model version", client.set_tag, run_id, "model_version", version
+        )
+        self.safe.call(
+            f"moving the {ALIAS!r} alias",
+            client.set_registered_model_alias,
+            self.model_name,
+            ALIAS,
+            version,
+        )
+
+    def _guard(self, check: Any, *args: Any) -> bool:
+        """Run a registry check; False (and :attr:`conflict` set) when registering must not
+        happen. A failing server turns tracking off as any other call does."""
+        try:
+            check(*args)
+            return True
+        except RegistryConflict as exc:
+            self.conflict = exc
+            log.error("not registered: %s", exc)
+        except Exception as exc:
+            self.safe.call("checking the registry", _raise, exc)
+        return False
 
     def _ensure_registered(self) -> bool | None:
         from mlflow.exceptions import MlflowException

@@ -1,0 +1,111 @@
+"""Concurrent ``qpacknet learn`` against a real ``mlflow server``: no fork, no lost task.
+
+Two learns of one registered model on one host: the second waits for the first and learns on
+top of its new version. Two on different hosts (separate lock directories, as two machines
+would have): the first to register wins and the other stops with exit 2 naming the winner, so
+the parent never has two children. Every version names its parent; the alias follows.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qpacknet.cli import main
+from qpacknet.tracking.registry import ALIAS, PARENT_TAG
+from qpacknet.tracking.server import mlflow_server
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "qpacknet-digits"
+FAST = [
+    "--set",
+    "search.population=2",
+    "--set",
+    "search.epochs=1",
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "threads=1",
+]
+
+
+def _learn(uri: str, out: Path, lock_dir: Path, model: str = f"models:/{NAME}/latest") -> list:
+    cmd = [sys.executable, "-m", "qpacknet", "learn", "--model", model, "--tracking-uri", uri]
+    env = {**os.environ, "QPACKNET_LOCK_DIR": str(lock_dir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return [
+        [*cmd, "--out", str(out), "--executor", "local", "--quiet", *FAST],
+        env,
+    ]
+
+
+def _start_pair(uri: str, tmp: Path, name: str, lock_dirs: tuple[Path, Path]) -> list[tuple]:
+    procs = []
+    for i, lock in enumerate(lock_dirs):
+        cmd, env = _learn(uri, tmp / f"{name}-{i}", lock)
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    return [(p, *p.communicate(timeout=300)) for p in procs]
+
+
+def _versions(client: object) -> dict[int, dict[str, str]]:
+    return {
+        int(v.version): dict(v.tags)
+        for v in client.search_model_versions(f"name = '{NAME}'")  # type: ignore[attr-defined]
+    }
+
+
+def test_two_concurrent_learns_neither_fork_nor_lose_a_task(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mlflow import MlflowClient
+
+    with mlflow_server(tmp_path) as uri:
+        first = ["run", "--preset", "digits", "--set", "scenario.num_tasks=1", *FAST]
+        assert main([*first, "--tracking-uri", uri, "--executor", "local", "--quiet",
+                     "--out", str(tmp_path / "base")]) == 0  # fmt: skip
+        client = MlflowClient(uri, uri)
+        assert _versions(client)[1][PARENT_TAG] == ""
+
+        # one host: the second learn waits, then learns on top of the first one's version
+        lock = tmp_path / "locks"
+        done = _start_pair(uri, tmp_path, "same-host", (lock, lock))
+        for proc, _, err in done:
+            assert proc.returncode == 0, err[-3000:]
+        waited = [err for _, _, err in done if "waiting for qpacknet learn --model" in err]
+        assert len(waited) == 1, [err[-1500:] for _, _, err in done]
+        versions = _versions(client)
+        assert sorted(versions) == [1, 2, 3]
+        assert [versions[v]["qpacknet.tasks"] for v in (2, 3)] == ["2", "3"]
+        assert [versions[v][PARENT_TAG] for v in (2, 3)] == ["1", "2"]
+        assert client.get_model_version_by_alias(NAME, ALIAS).version == "3"
+        late = [out for _, out, _ in done if "learning task 3 on top of" in out]
+        assert len(late) == 1 and "version 2, 2 tasks" in late[0]
+
+        # an explicit version that already has a child is refused before training
+        capsys.readouterr()
+        cmd, _ = _learn(uri, tmp_path / "fork", lock, f"models:/{NAME}/1")
+        assert main(cmd[3:]) == 2
+        err = capsys.readouterr().err
+        assert f"version 1 of '{NAME}' already has a child, version 2 (2 tasks" in err
+        assert f"models:/{NAME}/2 or models:/{NAME}/latest" in err
+        assert not (tmp_path / "fork" / "model.safetensors").exists()
+
+        # two hosts (no shared lock): one registers version 4, the other is refused
+        done = _start_pair(uri, tmp_path, "two-hosts", (tmp_path / "a", tmp_path / "b"))
+        codes = sorted(proc.returncode for proc, _, _ in done)
+        assert codes == [0, 2], [err[-3000:] for _, _, err in done]
+        loser = next(err for proc, _, err in done if proc.returncode == 2)
+        assert "version 4 (4 tasks, from version 3" in loser
+        assert f"learn --model models:/{NAME}/latest again" in loser
+        versions = _versions(client)
+        assert sorted(versions) == [1, 2, 3, 4]
+        assert versions[4][PARENT_TAG] == "3"
+        assert client.get_model_version_by_alias(NAME, ALIAS).version == "4"
