@@ -210,7 +210,10 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 
 def _write(out: Path, rows: list[dict[str, Any]]) -> None:
-    text = _csv(rows) if out.suffix.lower() == ".csv" else json.dumps(rows, indent=1) + "\n"
+    if out.suffix.lower() == ".csv":
+        text = _csv(rows)
+    else:
+        text = "[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n"
     try:
         out.write_text(text)
     except OSError as exc:
