@@ -21,7 +21,7 @@ from qpacknet.cli import main
 from qpacknet.model import PackedModel
 from qpacknet.predict import read_inputs
 from qpacknet.preparation import Preparation, task_inputs
-from qpacknet.scenarios import PermutedDigits
+from qpacknet.scenarios import PermutedDigits, PermutedMNIST
 from qpacknet.scenarios.cifar import SplitCIFAR100
 from qpacknet.scenarios.digits import stratified_split
 from qpacknet.scenarios.images import grey_to_rgb
@@ -128,6 +128,17 @@ def test_the_model_file_records_the_digits_preparation(run: dict) -> None:
         _, raw = read_inputs(run["files"][t], prep)  # [N, 8, 8] as saved
         assert torch.equal(prep(raw), run["stream"].test_split(t).x)
         assert torch.equal(prep(torch.from_numpy(run["raw"][t])), run["stream"].test_split(t).x)
+
+
+def test_pmnist_preparation_is_its_features_arithmetic() -> None:
+    """p-MNIST without the download: the recorded preparation of 28x28 uint8 images gives
+    what the stream's own feature code gives (float32 scaling and MNIST's mean and std)."""
+    stream = object.__new__(PermutedMNIST)  # only the arithmetic, no MNIST files
+    stream._num_tasks = 1
+    prep = Preparation.from_json(stream.input_preparation(0).to_json())
+    pixels = torch.randint(0, 256, (50, 784), dtype=torch.uint8)
+    expected = stream._features(pixels, torch.arange(784))
+    assert torch.equal(prep(pixels.reshape(50, 28, 28)), expected)
 
 
 def _cifar100(root: Path) -> Path:
