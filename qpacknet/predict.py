@@ -41,6 +41,8 @@ HTTP_RETRIES = 1
 
 
 def run(args: argparse.Namespace) -> int:
+    """``qpacknet predict`` (arguments from :mod:`qpacknet.cli`); bad input raises a
+    UsageError, which the CLI turns into one message and exit code 2."""
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in (".csv", ".json"):
         raise UsageError(f"--out {out}: name a .csv or a .json file")
