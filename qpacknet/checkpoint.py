@@ -106,4 +106,7 @@ def truncate(store: PackedStore, num_tasks: int) -> PackedStore:
             store.task_state(t),
             store.shared(t),
         )
+        doc = store.input_preparation(t)
+        if doc is not None:
+            fresh.set_input_preparation(t, doc)
     return fresh

@@ -90,6 +90,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 2 instead of waiting when another learn is extending the same model",
     )
+    pred = sub.add_parser(
+        "predict",
+        help="predict classes (and, without --task, tasks) for new inputs",
+        description="Reads a packed model and raw inputs, prepares them as the model's "
+        "scenario did (recorded in the model file), and writes one row per input: input, "
+        "class, task, confidence. Task ids are 0-based, as in the served model's params.task.",
+    )
+    pred.add_argument("--model", required=True, help="FILE.safetensors, a run dir, or models:/N/V")
+    pred.add_argument("--input", required=True, help=".npz (key x) or .npy, an image, or a folder")
+    pred.add_argument("--task", type=int, help="the inputs' task (0-based); default: inferred")
+    pred.add_argument("--out", help="FILE.csv or FILE.json (default: CSV on stdout)")
+    pred.add_argument("--prepared", action="store_true", help="inputs are network inputs already")
+    pred.add_argument("--tracking-uri", help="registry of models:/ (default: $MLFLOW_TRACKING_URI)")
     show = sub.add_parser("config", help="print the resolved config as YAML")
     src2 = show.add_mutually_exclusive_group(required=True)
     src2.add_argument("--preset")
@@ -110,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             return _tune(args)
         if args.command == "learn":
             return _learn(args)
+        if args.command == "predict":
+            from qpacknet.predict import run as predict
+
+            return predict(args)
         overrides = list(args.overrides)
         if getattr(args, "executor", None):
             overrides.append(f"executor.kind={args.executor}")

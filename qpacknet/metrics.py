@@ -129,6 +129,11 @@ def pair_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     """Sub-network i on test task j: each input's prediction entropy and whether its argmax
     is the label (both on the CPU), all that task inference keeps of a pair."""
     out = logits.detach().float().cpu()
-    logp = torch.log_softmax(out, dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return entropy, out.argmax(-1) == labels.cpu()
+    return prediction_entropy(out), out.argmax(-1) == labels.cpu()
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row's softmax (float32, on the CPU): the score the task is inferred by,
+    one function so that serving (:mod:`qpacknet.recognise`) and the reported figures agree."""
+    logp = torch.log_softmax(logits.detach().float().cpu(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)

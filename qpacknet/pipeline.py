@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from qpacknet import __version__, capacity_policy
+from qpacknet import __version__, capacity_policy, preparation
 from qpacknet.checkpoint import check_same_config, load_checkpoint, save_checkpoint, truncate
 from qpacknet.config import RunConfig
 from qpacknet.devices import cpu_model, resolve_device
@@ -488,6 +488,7 @@ class Pipeline:
         if q.shared is not None and not (self.config.sharing.enabled or self._forced_share):
             raise RuntimeError(f"task {t + 1}: QUANTIZE returned shared weights with sharing off")
         commit(self.store, q, f"task {t + 1}", str(self.model_path))
+        preparation.record(self.store, self.stream, t)
         save_store(self.store, self.model_path)
 
     def _check_promise(self, t: int) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qpacknet.preparation import Preparation
 from qpacknet.seeding import generator
 
 
@@ -142,6 +143,12 @@ class TaskStream(ABC):
         """Task ``index``'s ``(train, val)``: all that a candidate worker trains and selects on."""
         task = self.task(index)
         return task.train, task.val
+
+    def input_preparation(self, index: int) -> Preparation | None:
+        """How task ``index`` turns an input as the user has it into the network input, as
+        recorded in the model file at COMMIT (:mod:`qpacknet.preparation`); None (the default)
+        for a stream that cannot say: its model then takes prepared network inputs only."""
+        return None
 
     def for_workers(self) -> TaskStream | None:
         """A CPU copy of this stream that worker processes rebuild tasks from, sent to them once

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from qpacknet.preparation import Preparation
 from qpacknet.scenarios.pmnist import PermutedStream
 from qpacknet.seeding import generator
 
@@ -67,7 +68,8 @@ class PermutedDigits(PermutedStream):
 
         data = load_digits()
         x = torch.as_tensor(data.data, dtype=torch.float64) / 16.0
-        x = ((x - x.mean()) / x.std()).to(torch.float32)
+        mean, std = x.mean(), x.std()
+        x = ((x - mean) / std).to(torch.float32)
         y = torch.as_tensor(data.target, dtype=torch.int64)
         train_idx, val_idx, test_idx = stratified_split(y, val_fraction, seed)
         super().__init__(
@@ -81,6 +83,24 @@ class PermutedDigits(PermutedStream):
             seed=seed,
             train_limit=train_limit,
             device=device,
+        )
+        self._mean, self._std = float(mean), float(std)
+
+    def input_preparation(self, index: int) -> Preparation:
+        """Raw input: the 64 pixel values 0..16 of ``load_digits().data``, permuted by the
+        task (:meth:`permutation`), divided by 16 and standardised in float64 with the whole
+        data set's mean and std, as above."""
+        self._check_index(index)
+        return Preparation(
+            kind="features",
+            shape=self.input_shape,
+            dtype="float",
+            value_range=(0.0, 16.0),
+            compute="float64",
+            scale=16.0,
+            mean=(self._mean,),
+            std=(self._std,),
+            scenario=self.name,
         )
 
     def _features(self, rows: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

@@ -282,6 +282,7 @@ class FiveDatasets(ImageStream):
 
     name = "five_datasets"
     input_shape = (3, SIZE, SIZE)
+    _resize = "bilinear"
     num_classes = 10
     _key = "five_datasets"
 

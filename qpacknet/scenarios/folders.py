@@ -36,6 +36,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.transforms.v2 import functional as tvf
 
 from qpacknet.errors import DataError
+from qpacknet.preparation import Preparation
 from qpacknet.scenarios.base import Split, TaskData, TaskStream, check_stream_args, holdout_split
 from qpacknet.scenarios.images import channel_stats, resolve_threads
 from qpacknet.seeding import generator
@@ -305,6 +306,23 @@ class FolderStream(TaskStream):
     def test_split(self, index: int) -> Split:
         """Cached: old tasks' test splits are re-evaluated after every commit."""
         return self._tests[index] if index in self._tests else self.task(index).test
+
+    def input_preparation(self, index: int) -> Preparation:
+        """Raw input: a uint8 image of the stream's size (not resized, as above), standardised
+        per channel with the task's training statistics in pixel units."""
+        index = self._check_index(index)
+        if index not in self._stats:
+            self.task(index)
+        mean, std = self._stats[index]
+        return Preparation(
+            kind="image",
+            shape=tuple(self.input_shape),
+            dtype="uint8",
+            value_range=(0.0, 255.0),
+            mean=tuple(mean.tolist()),
+            std=tuple(std.tolist()),
+            scenario=self.name,
+        )
 
     def standardisation(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Task ``index``'s per-channel ``(mean, std)`` in [0, 1] pixel units (float32 ``[C]``):

@@ -57,6 +57,7 @@ class Imagenet100(ImageStream):
 
     name = "imagenet100"
     _key = "imagenet100"
+    _resize = "shorter_side_crop"
 
     def __init__(
         self,

@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as tvf
 
 from qpacknet.errors import ConfigError, DataError, UsageError
+from qpacknet.preparation import Preparation
 from qpacknet.scenarios.base import (
     Split,
     TaskData,
@@ -246,6 +247,8 @@ class ImageStream(TaskStream):
     """
 
     _bulk: tuple[str, ...] = ()
+    # how an image of another size becomes input_shape (qpacknet.preparation.RESIZES)
+    _resize = "none"
 
     name: str
     input_shape: tuple[int, ...]
@@ -339,6 +342,21 @@ class ImageStream(TaskStream):
         mean, std = self._pixel_stats(self._check_index(index))
         return mean / 255.0, std / 255.0
 
+    def input_preparation(self, index: int) -> Preparation:
+        """Raw input: a uint8 image, standardised per channel with the task's training
+        statistics in pixel units, as :class:`~qpacknet.scenarios.base.Split` does."""
+        mean, std = self._pixel_stats(self._check_index(index))
+        return Preparation(
+            kind="image",
+            shape=tuple(self.input_shape),
+            dtype="uint8",
+            value_range=(0.0, 255.0),
+            mean=tuple(mean.tolist()),
+            std=tuple(std.tolist()),
+            resize=self._resize,
+            scenario=self.name,
+        )
+
     def _pixel_stats(
         self, index: int, train_x: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -421,6 +439,8 @@ class ImageStream(TaskStream):
                 DecodedSource(train_src, torch.cat([train_rows, val_rows])),
                 DecodedSource(test_src, torch.arange(len(test_src))),
             )
+            # the statistics too, while decoded: COMMIT records them in the model file
+            self._pixel_stats(index, shipped[index][0].images(train_rows))
         clone = copy.copy(self)
         for name in self._bulk:
             setattr(clone, name, None)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from qpacknet.errors import DataError
+from qpacknet.preparation import Preparation
 from qpacknet.scenarios.base import Split, TaskData, TaskStream, check_stream_args, holdout_split
 
 _PAIRS = (("x", "y"), ("x_val", "y_val"), ("x_test", "y_test"))
@@ -62,6 +63,7 @@ class NpzStream(TaskStream):
         self.input_shape = self._shape(self.files[0])
         self._cache: dict[int, TaskData] = {}
         self._tests: dict[int, Split] = {}
+        self._dtypes: dict[int, np.dtype] = {}
 
     @property
     def num_tasks(self) -> int:
@@ -119,6 +121,7 @@ class NpzStream(TaskStream):
         with self._open(path) as f:
             arrays = {k: f[k] for k in f.files}
         x, y = arrays["x"], arrays["y"]
+        self._dtypes[index] = x.dtype
         if x.shape[0] != y.shape[0]:
             raise DataError(f"{path}: x has {x.shape[0]} inputs but {y.shape[0]} labels")
         rest_idx = np.arange(len(y))
@@ -161,3 +164,21 @@ class NpzStream(TaskStream):
     def test_split(self, index: int) -> Split:
         """Cached: old tasks' test splits are re-evaluated after every commit."""
         return self._tests[index] if index in self._tests else self.task(index).test
+
+    def input_preparation(self, index: int) -> Preparation:
+        """Raw input: a row of the task file's ``x``; uint8 is scaled to [0, 1], any other
+        dtype only cast to float32, as :meth:`_split` does (no standardisation)."""
+        if not 0 <= index < self._num_tasks:
+            raise IndexError(f"task {index} out of range 0..{self._num_tasks - 1}")
+        if index not in self._dtypes:
+            with self._open(self.files[index]) as f:
+                self._dtypes[index] = f["x"].dtype
+        pixels = self._dtypes[index] == np.uint8
+        return Preparation(
+            kind="image" if len(self.input_shape) == 3 else "features",
+            shape=self.input_shape,
+            dtype="uint8" if pixels else "float",
+            value_range=(0.0, 255.0) if pixels else None,
+            scale=255.0 if pixels else None,
+            scenario=self.name,
+        )

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qpacknet.preparation import Preparation
 from qpacknet.scenarios.base import (
     Split,
     TaskData,
@@ -181,3 +182,18 @@ class PermutedMNIST(PermutedStream):
     def _features(self, rows: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         x = rows.index_select(1, perm).to(torch.float32)
         return x.div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
+
+    def input_preparation(self, index: int) -> Preparation:
+        """Raw input: the task's permuted uint8 image, 784 pixels (or 28x28), scaled to [0, 1]
+        and standardised with MNIST's published mean and std, as :meth:`_features` does."""
+        self._check_index(index)
+        return Preparation(
+            kind="features",
+            shape=self.input_shape,
+            dtype="uint8",
+            value_range=(0.0, 255.0),
+            scale=255.0,
+            mean=(MNIST_MEAN,),
+            std=(MNIST_STD,),
+            scenario=self.name,
+        )

@@ -82,6 +82,7 @@ class TinyImagenet(ImageStream):
 
     name = "tinyimagenet"
     input_shape = (3, SIZE, SIZE)
+    _resize = "shorter_side_crop"
     _key = "tinyimagenet"
 
     def __init__(

@@ -51,6 +51,13 @@ document:
 ``sha256``
     ``{tensor name: hex digest}`` of every tensor's raw bytes, so that damage inside the tensor
     data (which safetensors itself does not detect) is caught on load.
+``input``
+    optional: ``{"tasks": [doc or null, ...]}``, per task how its scenario turned a raw input
+    into the network's input (:mod:`qpacknet.preparation`), so that a model can be used on
+    new data without the data set or the run's config. Absent in files of stores that record
+    none (and in files written before it existed, which load as before); readers that predate
+    it ignore it. It is not under the checksums: it changes no weight, and a damaged entry
+    is reported when it is read.
 
 Writes are atomic: the file is written to a temporary name in the same directory, flushed and
 fsynced, then moved over ``path`` with :func:`os.replace`; a failure removes the temporary file
@@ -139,6 +146,9 @@ def _encode(store: PackedStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         "tasks": tasks,
         "sha256": {name: _digest(tensor) for name, tensor in tensors.items()},
     }
+    inputs = [store.input_preparation(t) for t in range(store.num_tasks)]
+    if any(doc is not None for doc in inputs):
+        header["input"] = {"tasks": inputs}
     return tensors, header
 
 
@@ -402,4 +412,22 @@ def load_store(path: str | os.PathLike[str]) -> PackedStore:
             store.commit(masks, codes, books, width, state, shared)
         except StoreError as exc:
             raise _fail(path, f"task {t} cannot be re-committed: {exc}", _DAMAGED_FIX) from exc
+    for t, doc in enumerate(_input_entries(path, header, len(tasks))):
+        if doc is not None:
+            store.set_input_preparation(t, doc)
     return store
+
+
+def _input_entries(path: Path, header: dict[str, Any], num_tasks: int) -> list[Any]:
+    """The header's per-task input preparations (empty when the file records none)."""
+    entry = header.get("input")
+    if entry is None:
+        return []
+    docs = entry.get("tasks") if isinstance(entry, dict) else None
+    if (
+        not isinstance(docs, list)
+        or len(docs) > num_tasks
+        or not all(doc is None or isinstance(doc, dict) for doc in docs)
+    ):
+        raise _fail(path, "header entry 'input' is malformed", _DAMAGED_FIX)
+    return docs

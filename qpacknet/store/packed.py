@@ -76,17 +76,17 @@ class _Network:
         )
 
 
-def _normalise_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
+def _normalise_meta(meta: dict[str, Any] | None, what: str = "meta") -> dict[str, Any]:
     """Round-trip ``meta`` through strict JSON so the in-memory and saved copies are equal."""
     if meta is None:
         return {}
     if not isinstance(meta, dict):
-        raise StoreError(f"meta must be a dict, got {type(meta).__name__}")
+        raise StoreError(f"{what} must be a dict, got {type(meta).__name__}")
     try:
         return json.loads(json.dumps(meta, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise StoreError(
-            f"meta must be JSON-serialisable (it is saved in the model file header): {exc}"
+            f"{what} must be JSON-serialisable (it is saved in the model file header): {exc}"
         ) from exc
 
 
@@ -121,6 +121,7 @@ class PackedStore:
         self._meta = _normalise_meta(meta)
         self._nets = [_Network.empty(self._layers)]
         self._tasks: list[_Task] = []
+        self._inputs: dict[int, dict[str, Any]] = {}
 
     @property
     def layers(self) -> tuple[LayerSpec, ...]:
@@ -141,6 +142,19 @@ class PackedStore:
     def num_tasks(self) -> int:
         """Number of committed tasks; task ids are ``0 .. num_tasks-1``."""
         return len(self._tasks)
+
+    def input_preparation(self, task: int) -> dict[str, Any] | None:
+        """How task ``task``'s scenario turned a raw input into the network's input (a JSON
+        document that :mod:`qpacknet.preparation` reads), or None where it was not recorded
+        (files written before it was). Kept apart from the words: it never changes a logit."""
+        self._task(task)
+        doc = self._inputs.get(task)
+        return None if doc is None else json.loads(json.dumps(doc))
+
+    def set_input_preparation(self, task: int, doc: dict[str, Any]) -> None:
+        """Record task ``task``'s input preparation; saved in the model file's header."""
+        self._task(task)
+        self._inputs[task] = _normalise_meta(doc, "an input preparation")
 
     @property
     def num_networks(self) -> int:

@@ -1,7 +1,17 @@
 """The packed model as an MLflow ``pyfunc`` model, so that any MLflow tool can serve it.
 
-``predict(images, params={"task": t})`` returns task ``t``'s predicted class per image, exactly
-as :meth:`qpacknet.model.PackedModel.predict` does: the model directory carries the packed file
+``predict(x, params={"task": t})`` returns task ``t``'s predicted class per input (int64),
+exactly as :meth:`qpacknet.model.PackedModel.predict` does, as it always has. Without
+``params.task`` the task of every input is inferred (:mod:`qpacknet.recognise`, lowest
+prediction entropy) and the result is a DataFrame with columns ``class``, ``task`` and
+``confidence`` (the inferred task's softmax probability of that class), the output the
+signature declares. Inputs are network inputs (float32, the scenario's input shape); with
+``params.raw`` they are raw inputs as the user has them (e.g. digits' 0..16 pixel values,
+images' 0..255 pixels) and each task's preparation recorded in the model file is applied
+first: the only correct way to serve an image model without task ids, since each of its tasks
+standardises with its own statistics.
+
+The model directory carries the packed file
 itself (plus the run's ``checkpoint.json`` and ``config.yaml``, which ``qpacknet learn`` needs to
 add the next task). It loads where qpacknet is installed (our image, or this repo's venv); a
 copy of the package inside every version (``code_paths``) would add 57 files to each version,
@@ -42,40 +52,62 @@ class PackedPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def _predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-    """Class ids for ``model_input`` under task ``params["task"]``.
+    """Class ids under task ``params["task"]``, or without it a DataFrame of the inferred
+    task, class and confidence per input.
 
     Attached after the class body on purpose: MLflow inspects a ``predict`` defined in a
     PythonModel subclass for type hints, which would replace the explicit signature (a float32
-    tensor plus a ``task`` parameter), and warns on every import when there are none."""
+    tensor plus ``task`` and ``raw`` parameters), and warns on every import when there are
+    none."""
+    import pandas as pd
     import torch
 
-    task = int((params or {}).get("task", 0))
+    from qpacknet.preparation import of_store, task_inputs
+    from qpacknet.recognise import infer_tasks
+
+    params = params or {}
+    task = params.get("task")
     n_tasks = self.model.num_tasks
-    if not 0 <= task < n_tasks:
+    if task is not None and not 0 <= int(task) < n_tasks:
         raise ValueError(f"params.task={task}: this model holds tasks 0..{n_tasks - 1}")
-    x = _inputs(model_input)
-    shape = self.model.input_shape
-    per_item = int(np.prod(shape))
-    if x.ndim == 0 or x.size != len(x) * per_item:
-        raise ValueError(
-            f"each input must have {per_item} values (shape {shape}); got array of "
-            f"shape {tuple(x.shape)}"
-        )
-    batch = torch.from_numpy(np.ascontiguousarray(x).reshape(len(x), *shape))
-    return self.model.predict(task, batch).numpy()
+    x = torch.from_numpy(np.ascontiguousarray(_inputs(model_input)))
+    preps = None
+    if params.get("raw"):
+        preps = of_store(self.model.store)
+        if preps is None:
+            raise ValueError(
+                "params.raw: this model file records no input preparation (it was written "
+                "before qpacknet recorded one); send prepared network inputs without params.raw"
+            )
+    inputs = task_inputs(preps, x, self.model.input_shape)
+    if task is not None:
+        return self.model.predict(int(task), inputs(int(task))).numpy()
+    found = infer_tasks(self.model, inputs)
+    return pd.DataFrame(
+        {
+            "class": found.prediction.numpy(),
+            "task": found.task.numpy(),
+            "confidence": found.confidence.numpy(),
+        }
+    )
 
 
 PackedPyfunc.predict = _predict  # type: ignore[method-assign]
 
 
 def _signature(input_shape: tuple[int, ...]) -> Any:
+    """Outputs: the task-inference DataFrame (with ``params.task`` the result is the int64
+    class per input instead, as before the task could be inferred). ``task`` defaults to None,
+    so a request without it infers the task; versions registered before that default to 0."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
-        outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]),
-        params=ParamSchema([ParamSpec("task", "long", 0)]),
+        outputs=Schema(
+            [ColSpec("long", "class"), ColSpec("long", "task"), ColSpec("float", "confidence")]
+        ),
+        params=ParamSchema([ParamSpec("task", "long", None), ParamSpec("raw", "boolean", False)]),
     )
 
 
