@@ -103,6 +103,19 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--out", help="FILE.csv or FILE.json (default: CSV on stdout)")
     pred.add_argument("--prepared", action="store_true", help="inputs are network inputs already")
     pred.add_argument("--tracking-uri", help="registry of models:/ (default: $MLFLOW_TRACKING_URI)")
+    sync = sub.add_parser(
+        "sync",
+        help="bring the MLflow record of a run directory up to date",
+        description="Adds to MLflow whatever of the run in --out is missing there (the parent "
+        "run, task and candidate runs, metrics, files, model versions), e.g. after the "
+        "tracking server failed mid-run; running it twice adds nothing the second time.",
+    )
+    sync.add_argument("--out", required=True, help="the run directory")
+    sync.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: the run's own, else $MLFLOW_TRACKING_URI, else "
+        "sqlite in --out)",
+    )
     show = sub.add_parser("config", help="print the resolved config as YAML")
     src2 = show.add_mutually_exclusive_group(required=True)
     src2.add_argument("--preset")
@@ -123,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             return _tune(args)
         if args.command == "learn":
             return _learn(args)
+        if args.command == "sync":
+            return _sync(args)
         if args.command == "predict":
             from qpacknet.predict import run as predict
 
@@ -227,7 +242,12 @@ def _run_held(cfg: RunConfig, args: argparse.Namespace, out: Path) -> int:
         from qpacknet.tracking.tracker import MlflowTracker
 
         # opens the store in the background
-        tracker = MlflowTracker(cfg.tracking, out, getattr(args, "lineage", None))
+        tracker = MlflowTracker(
+            cfg.tracking,
+            out,
+            getattr(args, "lineage", None),
+            getattr(args, "command_line", "qpacknet run"),
+        )
     if cfg.executor.kind == "ray":
         executor, stream = _ray_executor(cfg, args.data_dir)
     else:
@@ -288,7 +308,9 @@ def _learn(args: argparse.Namespace) -> int:
             model = fetch(args.model, uri, Path(tmp))
             lineage = None
             if model.name and model.version:
-                lineage = Lineage(model.version, args.model.endswith("/latest"), "")
+                lineage = Lineage(
+                    model.version, args.model.endswith("/latest"), "", model.num_tasks
+                )
                 if not lineage.from_latest:
                     _refuse_second_child(uri, model.name, lineage)
             new = None
@@ -306,7 +328,7 @@ def _learn(args: argparse.Namespace) -> int:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             out = Path(args.out or f"runs/learn-{model.name or 'model'}-v{model.version}-{stamp}")
             held.enter_context(hold_run_dir(out, args.command_line))
-            prepare_run_dir(model, cfg, out)
+            prepare_run_dir(model, cfg, out, args.model.endswith("/latest"))
         if lineage is not None:
             lineage = dataclasses.replace(lineage, work_dir=str(out))
         print(
@@ -340,6 +362,25 @@ def _refuse_second_child(uri: str, name: str, lineage: Any) -> None:
     from qpacknet.tracking.registry import check_before_register
 
     check_before_register(MlflowClient(uri, uri), name, lineage, before_training=True)
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from qpacknet.rundir_lock import hold_run_dir
+    from qpacknet.tracking.sync import sync_run_dir
+
+    out = Path(args.out)
+    if not out.is_dir():
+        raise UsageError(f"{out} is not a directory; pass the --out of a run")
+    with hold_run_dir(out, args.command_line):  # not while a live run writes its own record
+        report = sync_run_dir(out, args.tracking_uri)
+    for conflict in report.conflicts:
+        print(f"not registered: {conflict}", file=sys.stderr)
+    print(
+        f"MLflow record of {out}: {report.summary()} in {report.seconds:.1f}s "
+        f"(run {report.run_id}; {len(report.task_runs)} task runs, "
+        f"{len(report.versions)} model versions)"
+    )
+    return 2 if report.conflicts else 0
 
 
 def yaml_dump(cfg: RunConfig) -> str:

@@ -53,7 +53,7 @@ from qpacknet.scenarios.base import TaskStream
 from qpacknet.search import CandidateResult
 from qpacknet.stages import Stage, TaskStages
 from qpacknet.store import PackedStore, capacity, load_store, save_store
-from qpacknet.store.capacity import TaskCapacity
+from qpacknet.store.capacity import CapacityReport
 from qpacknet.worker import TaskContext
 
 __all__ = ["CONFIG_FILE", "MODEL_FILE", "RESULTS_FILE", "Pipeline", "hardware", "resolve_device"]
@@ -103,12 +103,22 @@ class _Timer:
 
 @dataclass
 class _TaskLog:
-    """What one task's worker events said: who ran each stage, and the TRAIN epochs."""
+    """What one task's worker events said: who ran each stage, every SEARCH and TRAIN epoch,
+    and when each SEARCH chunk ran. Kept in the task's report, so that ``qpacknet sync`` can
+    write the same MLflow record later as the live tracker writes now."""
 
     stages: dict[str, Any] = field(default_factory=dict)
     candidates: dict[int, str] = field(default_factory=dict)
     train_epochs: list[dict[str, Any]] = field(default_factory=list)
     capacity: dict[str, Any] = field(default_factory=dict)
+    search_epochs: dict[int, dict[int, list[float]]] = field(default_factory=dict)
+    search_chunks: list[dict[str, Any]] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+
+
+def _epoch_rows(epochs: dict[int, list[float]]) -> list[list[float]]:
+    """``[epoch, loss, val_acc, lr, ended_at]`` per SEARCH epoch, in epoch order."""
+    return [[e, *v] for e, v in sorted(epochs.items())]
 
 
 class Pipeline:
@@ -148,6 +158,7 @@ class Pipeline:
         self.inference = TaskInference()
         self.inference_figures: InferenceFigures | None = None
         self.task_reports: list[dict[str, Any]] = []
+        self._learned_from: dict[str, Any] | None = None
         self.totals = _Timer()
         self._seconds_before = 0.0
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,6 +263,7 @@ class Pipeline:
             [None] * (i + 1) for i in range(len(saved_val), len(self.matrix.rows))
         ]
         self.task_reports = list(state["tasks"])
+        self._learned_from = state.get("learned_from")
         self.workers = dict(state.get("workers", {}))
         t = state["totals"]
         self.totals = _Timer(
@@ -281,6 +293,10 @@ class Pipeline:
             {
                 "config": self.config.model_dump(mode="json"),
                 "method_revision": REVISION,
+                "scenario": self.stream.name,
+                "preset": self.preset,
+                "executor": self.executor.name,
+                "learned_from": self._learned_from,
                 "matrix": self.matrix.rows,
                 "val_matrix": self.val_matrix.rows,
                 "tasks": self.task_reports,
@@ -328,9 +344,18 @@ class Pipeline:
                         "epoch": rep.epoch,
                         "loss": rep.loss[0],
                         "val_acc": rep.val_acc[0],
+                        "lr": rep.lr,
                         "ended_at": event.ended_at,
                     }
                 )
+            elif rep.stage == "search":  # keyed by epoch: a re-run chunk overwrites its epochs
+                for i, c in enumerate(event.candidates):
+                    self._log.search_epochs.setdefault(c, {})[rep.epoch] = [
+                        rep.loss[i],
+                        rep.val_acc[i],
+                        rep.lr,
+                        event.ended_at,
+                    ]
         elif isinstance(event, StepDone):
             self.progress.step(t, event.stage, event.what, event.value)
         elif isinstance(event, StageDone):
@@ -338,6 +363,14 @@ class Pipeline:
                 self._log.stages.setdefault("search", []).append(key)
                 for c in event.candidates:
                     self._log.candidates[c] = key
+                self._log.search_chunks.append(
+                    {
+                        "candidates": list(event.candidates),
+                        "started_at": event.started_at,
+                        "ended_at": event.ended_at,
+                        "worker": key,
+                    }
+                )
             else:
                 self._log.stages[event.stage] = key
             if event.stage == "evaluate":
@@ -423,7 +456,7 @@ class Pipeline:
         self.progress.task_done(t, self.matrix.rows[t], cap.capacity_pct)
         self.progress.task_inference(t, inference)
         self.inference_figures = inference
-        self._record(t, results, sc, winner, q, timer, cap.per_task[t], inference)
+        self._record(t, results, sc, winner, q, timer, cap, inference)
 
     def _plan_capacity(self, t: int) -> list[capacity_policy.LayerRoom]:
         """Before SEARCH: each layer's room against Algorithm 1's draw, and
@@ -570,9 +603,10 @@ class Pipeline:
         winner: int,
         q: QuantizedTask,
         timer: _Timer,
-        cap: TaskCapacity,
+        total: CapacityReport,
         inference: InferenceFigures,
     ) -> None:
+        cap = total.per_task[t]
         for key in ("train_seconds", "eval_seconds", "candidate_epochs"):
             setattr(self.totals, key, getattr(self.totals, key) + getattr(timer, key))
         for k, v in timer.seconds.items():
@@ -593,6 +627,8 @@ class Pipeline:
                         "score": s,
                         "shared": r.shared,
                         "worker": self._log.candidates.get(r.index),
+                        "density": dict(r.density),
+                        "epochs": _epoch_rows(self._log.search_epochs.get(r.index, {})),
                     }
                     for r, s in zip(results, sc, strict=True)
                 ],
@@ -619,6 +655,10 @@ class Pipeline:
                 "commit_digest": q.digest,
                 "ran_on": dict(self._log.stages),
                 "train_epochs": list(self._log.train_epochs),
+                "search_chunks": list(self._log.search_chunks),
+                "total_capacity_pct": total.capacity_pct,
+                "started_at": self._log.started_at,
+                "committed_at": time.time(),
             }
         )
 

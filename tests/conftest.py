@@ -80,3 +80,25 @@ def _restore_torch_threads() -> object:
 @pytest.fixture
 def blobs() -> BlobStream:
     return BlobStream()
+
+
+# Files whose tests start Ray: with ``pytest -n 2 --dist loadgroup`` (the README's test command)
+# they run one after another on one worker, so two Ray instances never share this machine's
+# cores, while the other worker runs the rest.
+_RAY_FILES = {
+    "test_device_check.py",
+    "test_devices.py",
+    "test_events.py",
+    "test_mlflow_server.py",
+    "test_ray_connect.py",
+    "test_ray_executor.py",
+    "test_ray_job.py",
+    "test_ray_multinode.py",
+    "test_tune.py",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in _RAY_FILES:
+            item.add_marker(pytest.mark.xdist_group("ray"))

@@ -108,7 +108,11 @@ def test_default_population_uses_both_nodes_and_driver_logs_every_candidate_run(
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([exp.experiment_id], "tags.`qpacknet.candidate` != ''")
     assert len(runs) == 2 * 6
-    by_key = {(r.data.tags["qpacknet.task"], r.data.tags["qpacknet.candidate"]): r for r in runs}
+    # tags number tasks from 1, as the runs' names do
+    by_key = {
+        (str(int(r.data.tags["qpacknet.task"]) - 1), r.data.tags["qpacknet.candidate"]): r
+        for r in runs
+    }
     assert set(by_key) == {(str(t), str(c)) for t in range(2) for c in range(6)}
     RayExecutor.close(ex)
     for (t, c), run in by_key.items():
@@ -116,7 +120,8 @@ def test_default_population_uses_both_nodes_and_driver_logs_every_candidate_run(
         assert (
             node == res["workers"][res["tasks"][int(t)]["candidates"][int(c)]["worker"]]["node_id"]
         )
-        assert run.data.metrics["val_acc"] == res["tasks"][int(t)]["candidates"][int(c)]["acc"]
+        acc = res["tasks"][int(t)]["candidates"][int(c)]["acc"]
+        assert run.data.metrics["val_acc"] == round(acc, 4)
         assert run.info.end_time >= run.info.start_time
     for t, task in enumerate(res["tasks"]):
         winner = by_key[(str(t), str(task["winner"]))]

@@ -85,7 +85,7 @@ def test_two_concurrent_learns_neither_fork_nor_lose_a_task(
         assert sorted(versions) == [1, 2, 3]
         assert [versions[v]["qpacknet.tasks"] for v in (2, 3)] == ["2", "3"]
         assert [versions[v][PARENT_TAG] for v in (2, 3)] == ["1", "2"]
-        assert client.get_model_version_by_alias(NAME, ALIAS).version == "3"
+        assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "3"
         late = [out for _, out, _ in done if "learning task 3 on top of" in out]
         assert len(late) == 1 and "version 2, 2 tasks" in late[0]
 
@@ -108,4 +108,4 @@ def test_two_concurrent_learns_neither_fork_nor_lose_a_task(
         versions = _versions(client)
         assert sorted(versions) == [1, 2, 3, 4]
         assert versions[4][PARENT_TAG] == "3"
-        assert client.get_model_version_by_alias(NAME, ALIAS).version == "4"
+        assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "4"

@@ -82,40 +82,80 @@ def test_hierarchy_metrics_and_artifacts_match_results(run: dict, capsys) -> Non
     tags = parent.data.tags
     assert tags["qpacknet.preset"] == "digits" and tags["qpacknet.seed"] == "0"
     assert tags["qpacknet.executor"] == "local" and tags["qpacknet.version"]
+    # what the MLflow UI shows: a name that says the preset once, Source, User, a description
+    assert parent.info.run_name == "digits-run"
+    assert tags["mlflow.source.name"].startswith("qpacknet run --preset digits")
+    assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
+    note = tags["mlflow.note.content"]
+    assert f"ACC {res['acc']:.2f} %" in note and "2 tasks of digits (digits)" in note
+    exp = client.get_experiment_by_name("qpacknet")
+    assert "candidate sub-networks" in exp.tags["mlflow.note.content"]
     assert parent.data.params["search.population"] == "6"
     assert parent.data.params["train.epochs"] == "12"
     m = parent.data.metrics
-    assert m["acc"] == res["acc"] and m["bwt"] == res["bwt"]
-    assert m["capacity_pct"] == res["capacity_pct"] and m["packed_bytes"] == res["packed_bytes"]
-    assert m["task_inference_acc"] == res["task_inference_acc"]
-    assert m["class_incremental_acc"] == res["class_incremental_acc"]
+    r4 = lambda v: round(v, 4)  # noqa: E731 (values are shown rounded to 4 decimals)
+    assert m["acc"] == r4(res["acc"]) and m["bwt"] == r4(res["bwt"])
+    assert m["capacity_pct"] == r4(res["capacity_pct"]) and m["packed_bytes"] == res["packed_bytes"]
+    assert m["task_inference_acc"] == r4(res["task_inference_acc"])
+    assert m["class_incremental_acc"] == r4(res["class_incremental_acc"])
     assert parent.info.status == "FINISHED"
 
     tasks = sorted(children[parent.info.run_id], key=lambda r: r.info.run_name)
     assert [t.info.run_name for t in tasks] == ["task-1", "task-2"]
+    assert [t.data.tags["qpacknet.task"] for t in tasks] == ["1", "2"]
     for t, (task_run, rep) in enumerate(zip(tasks, res["tasks"], strict=True)):
         tm = task_run.data.metrics
         assert tm["bit_width"] == rep["bit_width"] and tm["winner"] == rep["winner"]
-        assert tm["quant_val_acc"] == rep["quant_acc"] and tm["float_val_acc"] == rep["float_acc"]
-        assert tm["test_acc_task_1"] == res["accuracy_matrix"][t][0]
-        assert tm["task_inference_acc"] == rep["task_inference_acc"]
+        assert tm["quant_val_acc"] == r4(rep["quant_acc"])
+        assert tm["float_val_acc"] == r4(rep["float_acc"])
+        assert tm["test_acc_task_1"] == r4(res["accuracy_matrix"][t][0])
+        assert tm["task_inference_acc"] == r4(rep["task_inference_acc"])
+        assert (
+            f"Task {t + 1}: candidate {rep['winner']} of 6 won"
+            in task_run.data.tags["mlflow.note.content"]
+        )
         hist = client.get_metric_history(task_run.info.run_id, "candidate_val_acc")
         assert sorted((h.step, h.value) for h in hist) == [
-            (c["index"], c["acc"]) for c in rep["candidates"]
+            (c["index"], r4(c["acc"])) for c in rep["candidates"]
         ]
+        # the packed model after this task is an MLflow 3 logged model of the task's run
+        outputs = client.get_run(task_run.info.run_id).outputs.model_outputs
+        assert len(outputs) == 1 and outputs[0].step == t + 1
+        logged = client.get_logged_model(outputs[0].model_id)
+        assert logged.source_run_id == task_run.info.run_id and logged.status.to_proto() == 2
         cands = children[task_run.info.run_id]
         assert len(cands) == 6
         by_index = {int(c.data.tags["qpacknet.candidate"]): c for c in cands}
         for c in rep["candidates"]:
             crun = by_index[c["index"]]
-            assert crun.data.metrics["val_acc"] == c["acc"]
-            assert crun.data.metrics["sparsity"] == c["sparsity"]
+            assert crun.data.tags["qpacknet.task"] == str(t + 1)
+            assert crun.info.run_name == f"task-{t + 1}-candidate-{c['index']}"
+            assert crun.data.metrics["val_acc"] == r4(c["acc"])
+            assert crun.data.metrics["sparsity"] == r4(c["sparsity"])
             losses = client.get_metric_history(crun.info.run_id, "search_loss")
             assert [h.step for h in sorted(losses, key=lambda h: h.step)] == [1, 2, 3, 4]
+            # the run spans the SEARCH chunk that trained the candidate
+            chunk = next(k for k in rep["search_chunks"] if c["index"] in k["candidates"])
+            assert crun.info.start_time == int(chunk["started_at"] * 1000)
+            assert crun.info.end_time == int(chunk["ended_at"] * 1000)
+            ends = [int(e[4] * 1000) for e in c["epochs"]]
+            assert crun.info.start_time < ends[0] and ends[-1] <= crun.info.end_time
         winner = by_index[rep["winner"]]
         assert winner.data.tags.get("qpacknet.winner") == "true"
         train = client.get_metric_history(winner.info.run_id, "train_val_acc")
         assert len(train) == 12
+
+    versions = {int(v.version): v for v in client.search_model_versions(f"name='{NAME}'")}
+    for number, v in versions.items():
+        assert v.tags["qpacknet.tasks"] == str(number)
+        assert v.tags["qpacknet.parent_version"] == ("" if number == 1 else str(number - 1))
+        assert v.tags["qpacknet.run_id"] == parent.info.run_id
+        assert v.tags["qpacknet.run_name"] == "digits-run"
+        assert v.tags["qpacknet.scenario"] == "digits" and v.tags["qpacknet.preset"] == "digits"
+        assert v.tags["qpacknet.acc"] == f"{sum(res['accuracy_matrix'][number - 1]) / number:.2f}"
+        assert f"{number} tasks of digits (digits)" in v.description
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+    assert "alias 'champion' is the newest version" in client.get_registered_model(NAME).description
 
     arts = {a.path: a for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.json", "config.yaml", "model.safetensors", "plots"} <= set(arts)

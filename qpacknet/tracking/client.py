@@ -38,6 +38,7 @@ class SafeTracking:
         self.uri = uri
         self.where = where
         self.broken = False
+        self.failure = ""
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
@@ -49,6 +50,7 @@ class SafeTracking:
         except Exception as exc:  # tracking must never stop training
             self.broken = True
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            self.failure = f"{what} ({type(exc).__name__}: {first[:300]})"
             log.warning(
                 "MLflow tracking at %s failed while %s (%s: %s); tracking is off for the rest "
                 "of this run in %s. Training goes on and everything is still written to the "

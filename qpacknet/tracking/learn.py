@@ -109,12 +109,22 @@ def next_task_config(model: FetchedModel, new: RunConfig | None) -> RunConfig:
     return validate(chosen)
 
 
-def prepare_run_dir(model: FetchedModel, cfg: RunConfig, out: Path) -> None:
-    """Make ``out`` a run directory after the model's T tasks, resumable under ``cfg``."""
+def prepare_run_dir(
+    model: FetchedModel, cfg: RunConfig, out: Path, from_latest: bool = False
+) -> None:
+    """Make ``out`` a run directory after the model's T tasks, resumable under ``cfg``; the
+    checkpoint records where it came from (``learned_from``: what ``sync`` needs to attach
+    the new version to its parent)."""
     if (out / MODEL_FILE).exists():
         raise UsageError(f"{out} already holds a model; pass a new --out")
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model.model_file, out / MODEL_FILE)
     state = dict(model.checkpoint)
     state["config"] = cfg.model_dump(mode="json")
+    state["learned_from"] = {
+        "model": model.name,
+        "version": model.version,
+        "tasks": model.num_tasks,
+        "from_latest": from_latest,
+    }
     save_checkpoint(out, state)

@@ -118,8 +118,11 @@ def _requirements() -> list[str]:
     return [f"{n}=={md.version(n)}" for n in names]
 
 
-def save_packed_model(path: Path, run_dir: Path, input_shape: tuple[int, ...]) -> None:
-    """Write the pyfunc model directory for the packed model in ``run_dir``."""
+def save_packed_model(
+    path: Path, run_dir: Path, input_shape: tuple[int, ...], mlflow_model: Any = None
+) -> None:
+    """Write the pyfunc model directory for the packed model in ``run_dir`` (``mlflow_model``:
+    the ``MLmodel`` metadata of a logged model, which links the directory to it)."""
     from qpacknet.layout import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE
 
     mlflow.pyfunc.save_model(
@@ -133,4 +136,5 @@ def save_packed_model(path: Path, run_dir: Path, input_shape: tuple[int, ...]) -
         signature=_signature(input_shape),
         input_example=(np.zeros((1, *input_shape), dtype=np.float32), {"task": 0}),
         pip_requirements=_requirements(),
+        mlflow_model=mlflow_model,
     )

@@ -45,12 +45,14 @@ class RegistryConflict(UsageError):
 
 @dataclass(frozen=True)
 class Lineage:
-    """Where a learn's new version attaches: ``parent`` (a version number), and whether it
-    was asked for as ``latest`` (then it must still be the newest when registering)."""
+    """Where a learn's new version attaches: ``parent`` (a version number), whether it was
+    asked for as ``latest`` (then it must still be the newest when registering), and the
+    first task the learn adds (the parent's task count)."""
 
     parent: str
     from_latest: bool
     work_dir: str
+    first_task: int = 0
 
 
 def lock_dir() -> Path:

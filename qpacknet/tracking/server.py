@@ -22,11 +22,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(root: Path, timeout_s: float = 90.0) -> Iterator[str]:
-    """Start ``mlflow server`` under ``root``; yield its URI; stop it (and its workers)."""
-    port = free_port()
+def mlflow_server(
+    root: Path, timeout_s: float = 90.0, port: int | None = None, kill: bool = False
+) -> Iterator[str]:
+    """Start ``mlflow server`` under ``root`` (its sqlite store and artifacts are kept there, so
+    a server started again on the same ``root`` and ``port`` serves the same record); yield
+    its URI; stop it (and its workers), with ``kill`` at once (SIGKILL, as a crash would)."""
+    port = port or free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
-    log = (root / "server.log").open("w")
+    log = (root / "server.log").open("a")
     proc = subprocess.Popen(
         [
             str(mlflow),
@@ -64,7 +68,7 @@ def mlflow_server(root: Path, timeout_s: float = 90.0) -> Iterator[str]:
         yield uri
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
             proc.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)

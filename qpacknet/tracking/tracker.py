@@ -10,35 +10,27 @@ committed task runs on a background thread while the next task trains.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from qpacknet import __version__
 from qpacknet.config import RunConfig, TrackingConfig, flatten
 from qpacknet.events import Event
 from qpacknet.fileio import atomic_write_json
-from qpacknet.layout import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, RESULTS_FILE
+from qpacknet.layout import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE
 from qpacknet.observers import RunObserver, RunStarted, TaskCommitted
+from qpacknet.tracking import record, writer
 from qpacknet.tracking.candidates import CandidateRuns
 from qpacknet.tracking.client import Background, SafeTracking
-from qpacknet.tracking.registry import (
-    ALIAS,
-    PARENT_TAG,
-    Lineage,
-    RegistryConflict,
-    check_after_register,
-    check_before_register,
-)
+from qpacknet.tracking.registry import Lineage, RegistryConflict
 
 log = logging.getLogger("qpacknet.tracking")
 STATE_FILE = "mlflow.json"
@@ -78,19 +70,22 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _metrics(values: dict[str, float], step: int = 0) -> list[Any]:
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    return [Metric(k, float(v), ts, step) for k, v in values.items()]
-
-
 class MlflowTracker(RunObserver):
     """Logs a pipeline run to MLflow; see the module docstring."""
 
-    def __init__(self, cfg: TrackingConfig, out_dir: Path, lineage: Lineage | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        out_dir: Path,
+        lineage: Lineage | None = None,
+        command: str = "qpacknet run",
+    ) -> None:
         self.cfg = cfg
         self.lineage = lineage
+        self.command = command
+        self.run_name = ""
+        self.scenario = ""
+        self.preset: str | None = None
         self.conflict: RegistryConflict | None = None
         self.out_dir = Path(out_dir)
         self.uri = resolve_uri(cfg, self.out_dir)
@@ -140,6 +135,14 @@ class MlflowTracker(RunObserver):
             "looking up the experiment", client.get_experiment_by_name, self.cfg.experiment
         )
         if exp is not None:
+            if "mlflow.note.content" not in exp.tags:
+                self.safe.call(
+                    "describing the experiment",
+                    client.set_experiment_tag,
+                    exp.experiment_id,
+                    "mlflow.note.content",
+                    record.EXPERIMENT_NOTE,
+                )
             return exp.experiment_id
         if self.safe.broken:
             return None
@@ -149,6 +152,7 @@ class MlflowTracker(RunObserver):
             client.create_experiment,
             self.cfg.experiment,
             artifact_location=location,
+            tags={"mlflow.note.content": record.EXPERIMENT_NOTE},
         )
 
     def _saved_state(self) -> dict[str, Any] | None:
@@ -169,20 +173,26 @@ class MlflowTracker(RunObserver):
                 "task_runs": {str(k): v for k, v in self.task_runs.items()},
                 "model_versions": {str(k): v for k, v in self.versions.items()},
                 "registered_model": self.model_name,
+                "run_name": self.run_name,
+                "lineage": dataclasses.asdict(self.lineage) if self.lineage else None,
             },
         )
 
     def run_started(self, event: RunStarted) -> None:
         cfg: RunConfig = event.config
         self.model_name = registered_name(self.cfg, event.scenario)
+        self.scenario, self.preset = event.scenario, event.preset
         if not self._ready():
             return
         client = self.safe.client
         saved = self._saved_state() if event.first > 0 else None
         if saved and saved.get("run_id"):
             self.run_id = saved["run_id"]
+            self.run_name = saved.get("run_name", "")
             self.task_runs = {int(k): v for k, v in saved.get("task_runs", {}).items()}
             self.versions = {int(k): v for k, v in saved.get("model_versions", {}).items()}
+            if self.lineage is None and saved.get("lineage"):
+                self.lineage = Lineage(**saved["lineage"])
             self.safe.call("reopening the run", client.update_run, self.run_id, status="RUNNING")
             self.safe.call(
                 "tagging the resume",
@@ -191,39 +201,75 @@ class MlflowTracker(RunObserver):
                 "qpacknet.resumed_at",
                 event.first,
             )
+            self._catch_up(event.first)
             return
-        tags = {
-            "qpacknet.preset": event.preset or "",
-            "qpacknet.scenario": event.scenario,
-            "qpacknet.seed": str(cfg.seed),
-            "qpacknet.executor": event.executor,
-            "qpacknet.device": event.device,
-            "qpacknet.version": __version__,
-            "qpacknet.out_dir": str(self.out_dir.resolve()),
-            "qpacknet.host": socket.gethostname(),
-            "qpacknet.pid": str(os.getpid()),
-        }
+        tags = record.run_tags(
+            event.preset,
+            event.scenario,
+            cfg.seed,
+            event.executor,
+            event.device,
+            str(self.out_dir.resolve()),
+            self.command,
+            {"qpacknet.host": socket.gethostname(), "qpacknet.pid": str(os.getpid())},
+        )
         commit = _git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
+        self.run_name = self._unique_name(
+            record.run_name(event.preset, event.scenario, self.out_dir.name)
+        )
         run = self.safe.call(
             "creating the run",
             client.create_run,
             self.experiment_id,
-            run_name=f"{event.preset or event.scenario}-{self.out_dir.name}",
+            run_name=self.run_name,
             tags=tags,
         )
         if run is None:
             return
         self.run_id = run.info.run_id
-        from mlflow.entities import Param
-
-        params = [Param(k, str(v)) for k, v in flatten(cfg).items()]
-        for i in range(0, len(params), 100):
-            self.safe.call(
-                "logging the config", client.log_batch, self.run_id, params=params[i : i + 100]
-            )
+        writer.log_config(self.safe, self.run_id, flatten(cfg))
         self._save_state()
+        if event.first > 0:  # resumed, but its tracking never got going before
+            self._catch_up(event.first)
+
+    def _unique_name(self, name: str) -> str:
+        """``name``, or ``name-2``, ``name-3``... if a run of the experiment has it."""
+        taken = self.safe.call(
+            "looking up run names",
+            self.safe.client.search_runs,
+            [self.experiment_id],
+            filter_string=f"attributes.run_name LIKE '{name}%'",
+            max_results=1000,
+        )
+        names = {r.info.run_name for r in taken or []}
+        if name not in names:
+            return name
+        n = 2
+        while f"{name}-{n}" in names:
+            n += 1
+        return f"{name}-{n}"
+
+    def _catch_up(self, first: int) -> None:
+        """A resumed run whose tracking had failed: add what the record misses of tasks
+        ``0..first-1`` (what ``qpacknet sync`` does), on the background thread."""
+        from qpacknet.tracking.sync import RecordSync
+
+        def job() -> None:
+            report = RecordSync(self.safe, self.out_dir, self.cfg).sync(
+                experiment_id=self.experiment_id,
+                run_id=self.run_id,
+                upto=first,
+                lineage=self.lineage,
+            )
+            self.task_runs.update(report.task_runs)
+            self.versions.update(report.versions)
+            if report.added:
+                log.warning("MLflow record brought up to date: %s", report.summary())
+            self._save_state()
+
+        self._bg.submit(job)
 
     # --------------------------------------------------------------- task level
     def task_started(self, task: int) -> None:
@@ -234,8 +280,8 @@ class MlflowTracker(RunObserver):
             "creating a task run",
             self.safe.client.create_run,
             self.experiment_id,
-            run_name=f"task-{task + 1}",
-            tags={"mlflow.parentRunId": self.run_id, "qpacknet.task": str(task)},
+            run_name=f"task-{record.task_label(task)}",
+            tags={"mlflow.parentRunId": self.run_id, "qpacknet.task": record.task_label(task)},
         )
         if run is None:
             return
@@ -263,148 +309,56 @@ class MlflowTracker(RunObserver):
             from qpacknet.model import PackedModel
 
             self._input_shape = PackedModel.load(snapshot / MODEL_FILE).input_shape
-        self._bg.submit(lambda: self._log_task(event, run_id, snapshot))
+        matrix = json.loads((snapshot / CHECKPOINT_FILE).read_text())["matrix"]
+        self._bg.submit(lambda: self._log_task(event, run_id, snapshot, matrix))
 
-    def _log_task(self, event: TaskCommitted, run_id: str, snapshot: Path) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-
-        client, rep, t = self.safe.client, event.report, event.task
-        values = {
-            "bit_width": rep["bit_width"],
-            "winner": rep["winner"],
-            "float_val_acc": rep["float_acc"],
-            "quant_val_acc": rep["quant_acc"],
-            "task_capacity_pct": rep["capacity_pct"],
-            "capacity_pct": event.capacity_pct,
-            "acc": event.acc,
-            "bwt": event.bwt,
-            "task_inference_acc": rep["task_inference_acc"],
-            "class_incremental_acc": rep["class_incremental_acc"],
-            "task_shared_pct": rep["shared_pct"],
-            "candidate_epochs": rep["candidate_epochs"],
-            "training_seconds": rep["training_seconds"],
-            "network": rep.get("network", 0),
-            "float_test_acc": rep.get("float_test_acc", math.nan),
-            "quant_test_acc": rep.get("quant_test_acc", math.nan),
-        }
-        values.update({f"seconds_{k}": v for k, v in rep["seconds"].items()})
-        values.update({f"test_acc_task_{j + 1}": v for j, v in enumerate(event.row)})
-        metrics = _metrics(values)
-        ts = int(time.time() * 1000)
-        for c in rep["candidates"]:
-            metrics += [
-                Metric("candidate_val_acc", c["acc"], ts, c["index"]),
-                Metric("candidate_sparsity", c["sparsity"], ts, c["index"]),
-                Metric("candidate_score", c["score"], ts, c["index"]),
-            ]
-        for b in rep["bits_tried"]:
-            metrics.append(Metric("quant_val_acc_by_bits", b["acc"], ts, b["bits"]))
-        params = [Param("winner", str(rep["winner"])), Param("bit_width", str(rep["bit_width"]))]
-        tags = [RunTag("qpacknet.commit_digest", rep.get("commit_digest", ""))]
-        if rep.get("quality_gate"):
-            tags.append(RunTag("qpacknet.quality_gate", rep["quality_gate"]))
-        if rep.get("when_full"):
-            tags.append(RunTag("qpacknet.when_full", rep["when_full"]))
-        for stage, where in rep.get("ran_on", {}).items():
-            text = ", ".join(where) if isinstance(where, list) else str(where)
-            tags.append(RunTag(f"qpacknet.ran_on.{stage}", text))
-        self.safe.call("logging task metrics", client.log_batch, run_id, metrics, params, tags)
-        progress = {
-            "acc": event.acc,
-            "bwt": event.bwt,
-            "capacity_pct": event.capacity_pct,
-            "task_inference_acc": rep["task_inference_acc"],
-            "class_incremental_acc": rep["class_incremental_acc"],
-        }
-        self.safe.call(
-            "logging run progress", client.log_batch, self.run_id, _metrics(progress, t + 1)
-        )
+    def _log_task(
+        self, event: TaskCommitted, run_id: str, snapshot: Path, matrix: list[list[float]]
+    ) -> None:
+        t = event.task
+        writer.log_task(
+            self.safe, run_id, self.run_id or "", event.report, event.row, event.capacity_pct,
+            matrix,
+        )  # fmt: skip
         if self.cfg.register_models:
             self._register(event, run_id, snapshot)
-        self.safe.call("closing a task run", client.set_terminated, run_id, "FINISHED")
+        self.safe.call("closing a task run", self.safe.client.set_terminated, run_id, "FINISHED")
         self._closed.add(t)
         self._save_state()
         shutil.rmtree(snapshot, ignore_errors=True)
 
     def _register(self, event: TaskCommitted, run_id: str, snapshot: Path) -> None:
-        """Log the packed model after the task as a pyfunc model and register a new version
-        whose parent is the previous task's version (a learn's first: the version it
-        extends), guarded against forks (:mod:`~qpacknet.tracking.registry`)."""
-        from qpacknet.tracking.pyfunc import save_packed_model
-
-        client, task = self.safe.client, event.task
-        model_dir = snapshot / "model"
-        try:
-            save_packed_model(model_dir, snapshot, self._input_shape)
-        except Exception as exc:
-            self.safe.call("saving the pyfunc model", _raise, exc)
+        """Log the packed model after the task (an MLflow 3 logged model of the task's run)
+        and register it as a new version whose parent is the previous task's version (a
+        learn's first: the version it extends), guarded against forks
+        (:mod:`~qpacknet.tracking.registry`)."""
+        task = event.task
+        if not writer.ensure_registered_model(self.safe, self.model_name, self.scenario):
             return
-        self.safe.call("logging the model", client.log_artifacts, run_id, str(model_dir), "model")
-        if self._ensure_registered() is None:
+        logged = writer.log_model(
+            self.safe, self.experiment_id or "", run_id, task, snapshot, self._input_shape
+        )
+        if logged is None:
             return
         lineage = self.lineage
         parent = self.versions.get(task - 1) or (lineage.parent if lineage else "")
-        guarded = lineage is not None and parent == lineage.parent
-        if guarded and not self._guard(check_before_register, client, self.model_name, lineage):
-            return
-        mv = self.safe.call(
-            "registering the model version",
-            client.create_model_version,
-            self.model_name,
-            f"runs:/{run_id}/model",
-            run_id=run_id,
-            tags={"qpacknet.tasks": str(task + 1), PARENT_TAG: parent},
-            description=f"packed model after task {task + 1}",
+        guard = lineage if lineage is not None and parent == lineage.parent else None
+        tags = record.version_tags(
+            task, parent, self.run_id or "", self.run_name, self.scenario, self.preset, event.acc
         )
-        if mv is None:
-            return
-        version = str(mv.version)
-        if guarded and not self._guard(
-            check_after_register, client, self.model_name, lineage, version
-        ):
-            return
-        self.versions[task] = version
-        self.safe.call(
-            "tagging the model version", client.set_tag, run_id, "model_version", version
+        note = record.version_note(
+            task, parent, self.run_name, self.scenario, self.preset, event.acc
         )
-        self.safe.call(
-            f"moving the {ALIAS!r} alias",
-            client.set_registered_model_alias,
-            self.model_name,
-            ALIAS,
-            version,
-        )
-
-    def _guard(self, check: Any, *args: Any) -> bool:
-        """Run a registry check; False (and :attr:`conflict` set) when registering must not
-        happen. A failing server turns tracking off as any other call does."""
         try:
-            check(*args)
-            return True
+            version = writer.register_version(
+                self.safe, self.model_name, logged, run_id, tags, note, guard
+            )
         except RegistryConflict as exc:
             self.conflict = exc
             log.error("not registered: %s", exc)
-        except Exception as exc:
-            self.safe.call("checking the registry", _raise, exc)
-        return False
-
-    def _ensure_registered(self) -> bool | None:
-        from mlflow.exceptions import MlflowException
-
-        client = self.safe.client
-        if self.safe.broken:
-            return None
-        try:
-            client.get_registered_model(self.model_name)
-            return True
-        except MlflowException:
-            pass
-        except Exception as exc:
-            return self.safe.call("looking up the registered model", _raise, exc)
-        created = self.safe.call(
-            "creating the registered model", client.create_registered_model, self.model_name
-        )
-        return None if created is None else True
+            return
+        if version is not None:
+            self.versions[task] = version
 
     # ---------------------------------------------------------------- run end
     def run_finished(self, results: dict[str, Any]) -> None:
@@ -412,49 +366,7 @@ class MlflowTracker(RunObserver):
         if self.run_id is None or not self._ready():
             self._bg.close()
             return
-        client = self.safe.client
-        tp = results["throughput"]
-        final = {
-            "acc": results["acc"],
-            "bwt": results["bwt"],
-            "capacity_pct": results["capacity_pct"],
-            "heads_pct": results["heads_pct"],
-            "shared_pct": results["shared_pct"],
-            "task_inference_acc": results["task_inference_acc"],
-            "class_incremental_acc": results["class_incremental_acc"],
-            "packed_bytes": results["packed_bytes"],
-            "networks": len(results.get("networks", [])) or 1,
-            "quality_gate_failed": len(results.get("quality_gate_failed", [])),
-            "seconds_total": results["seconds_total"],
-            "candidate_epochs_per_second": tp["candidate_epochs_per_second"],
-        }
-        self.safe.call(
-            "logging final metrics",
-            client.log_batch,
-            self.run_id,
-            _metrics(final, len(results["tasks"])),
-        )
-        for name in (RESULTS_FILE, CONFIG_FILE, MODEL_FILE):
-            path = self.out_dir / name
-            if path.exists():
-                self.safe.call("logging an artifact", client.log_artifact, self.run_id, str(path))
-        with tempfile.TemporaryDirectory() as tmp:
-            from qpacknet.tracking.plots import draw_all
-
-            for png in draw_all(results, Path(tmp)):
-                self.safe.call(
-                    "logging a plot", client.log_artifact, self.run_id, str(png), "plots"
-                )
-        ev = results.get("evaluation", {})
-        devices = sorted({str(w.get("device_name")) for w in results.get("workers", {}).values()})
-        for key, value in (
-            ("qpacknet.evaluation_device", f"{ev.get('device')} ({ev.get('device_name')})"),
-            ("qpacknet.evaluation_worker", f"{ev.get('host')}:{ev.get('pid')}"),
-            ("qpacknet.worker_devices", ", ".join(devices)),
-            ("qpacknet.workers", str(len(results.get("workers", {})))),
-        ):
-            self.safe.call("tagging the run", client.set_tag, self.run_id, key, value)
-        self.safe.call("closing the run", client.set_terminated, self.run_id, "FINISHED")
+        writer.end_run(self.safe, self.run_id, results, self.out_dir, self.preset)
         self._bg.close()
 
     def run_failed(self, error: BaseException) -> None:

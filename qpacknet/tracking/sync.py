@@ -1,0 +1,381 @@
+"""``qpacknet sync``: bring a run directory's MLflow record up to date.
+
+A tracking server that fails mid-run turns tracking off for the rest of the run (training goes
+on), which leaves the record with a hole. Everything the record holds is on disk: the
+checkpoint's task reports (candidates with their SEARCH epochs and chunk times, the winner's
+TRAIN epochs, bits tried, commit time), the accuracy matrix, the model (whose first T tasks are
+the model after task T, bit for bit) and ``results.json`` once the run ended. So the missing
+parent run, task runs, candidate runs, metrics, artifacts and model versions are added here,
+each looked up first (by the parent run recorded in ``mlflow.json`` or tagged with the run
+directory, task and candidate tags, version tags) so that nothing is written twice; metrics
+carry the run's own timestamps, which MLflow's SQL store does not duplicate. A resumed run calls
+this for its earlier tasks on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qpacknet.config import TrackingConfig, flatten, validate
+from qpacknet.errors import UsageError
+from qpacknet.layout import CHECKPOINT_FILE, RESULTS_FILE
+from qpacknet.tracking import record, writer
+from qpacknet.tracking.client import SafeTracking
+from qpacknet.tracking.registry import Lineage, RegistryConflict
+
+
+class TrackingUnavailable(UsageError):
+    """The tracking server failed during ``sync`` (exit 2; run it again later)."""
+
+
+@dataclass
+class SyncReport:
+    """What one sync found and added."""
+
+    run_id: str | None = None
+    task_runs: dict[int, str] = field(default_factory=dict)
+    versions: dict[int, str] = field(default_factory=dict)
+    added: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        if not self.added:
+            return "nothing was missing"
+        counts: dict[str, int] = {}
+        for item in self.added:
+            counts[item] = counts.get(item, 0) + 1
+        return "added " + ", ".join(f"{n} {what}" for what, n in counts.items())
+
+
+class RecordSync:
+    """Compares a run directory with its MLflow record and adds what is missing."""
+
+    def __init__(self, safe: SafeTracking, out_dir: Path, cfg: TrackingConfig) -> None:
+        self.safe = safe
+        self.client = safe.client
+        self.out_dir = Path(out_dir)
+        self.cfg = cfg
+        state = json.loads((self.out_dir / CHECKPOINT_FILE).read_text())
+        self.state = state
+        self.tasks: list[dict[str, Any]] = state["tasks"]
+        self.matrix: list[list[float]] = state["matrix"]
+        self.workers: dict[str, Any] = state.get("workers", {})
+        self.config = validate(state["config"])
+        results = self.out_dir / RESULTS_FILE
+        self.results = json.loads(results.read_text()) if results.exists() else None
+        if self.results is not None and len(self.results["tasks"]) != len(self.tasks):
+            self.results = None  # a later resume has added tasks: the run has not ended
+        source = self.results or state
+        self.scenario = str(source.get("scenario") or self.config.scenario.name)
+        self.preset = source.get("preset")
+        self.executor = str(source.get("executor") or self.config.executor.kind)
+        learned = state.get("learned_from")
+        self.lineage = (
+            Lineage(
+                str(learned["version"]),
+                bool(learned["from_latest"]),
+                str(self.out_dir),
+                int(learned["tasks"]),
+            )
+            if learned
+            else None
+        )
+        self.run_name = ""
+
+    # ------------------------------------------------------------------ entry
+    def sync(
+        self,
+        experiment_id: str | None = None,
+        run_id: str | None = None,
+        upto: int | None = None,
+        lineage: Lineage | None = None,
+        saved: dict[str, Any] | None = None,
+    ) -> SyncReport:
+        """Add what is missing of tasks ``0..upto-1`` (all committed tasks by default) and,
+        when the run has ended, of the parent run's end."""
+        out = SyncReport()
+        saved = saved or {}
+        lineage = lineage or self.lineage
+        first = lineage.first_task if lineage is not None else 0
+        exp = experiment_id or self._experiment()
+        if exp is None:
+            return out
+        run_id = run_id or self._parent(exp, saved.get("run_id"), out)
+        out.run_id = run_id
+        if run_id is None:
+            return out
+        self.run_id = run_id
+        self.run_name = self.client.get_run(run_id).info.run_name
+        n = len(self.tasks) if upto is None else min(upto, len(self.tasks))
+        existing = self._children(exp, run_id, "qpacknet.task")
+        versions = self._versions(run_id)
+        for t in range(first, n):  # a learn's run records only the tasks it learned
+            if self.safe.broken:
+                break
+            task_run = self._task(exp, run_id, t, existing.get(record.task_label(t)), out)
+            if task_run is None:
+                break
+            out.task_runs[t] = task_run
+            if self.cfg.register_models:
+                parent = out.versions.get(t - 1) or versions.get(t - 1)
+                if t == first:
+                    parent = lineage.parent if lineage is not None else ""
+                version = versions.get(t) or self._version(t, task_run, parent, lineage, exp, out)
+                if version is not None:
+                    out.versions[t] = version
+            self.safe.call(
+                "closing a task run",
+                self.client.set_terminated,
+                task_run,
+                "FINISHED",
+                end_time=record.commit_ms(self.tasks[t]),
+            )
+        if upto is None and self.results is not None and not self.safe.broken:
+            run = self.client.get_run(run_id)
+            if run.info.status != "FINISHED" or "packed_bytes" not in run.data.metrics:
+                writer.end_run(self.safe, run_id, self.results, self.out_dir, self.preset)
+                out.added.append("run end (final metrics, files, plots)")
+        return out
+
+    # ------------------------------------------------------------- the parent
+    def _experiment(self) -> str | None:
+        exp = self.safe.call(
+            "looking up the experiment", self.client.get_experiment_by_name, self.cfg.experiment
+        )
+        if exp is not None:
+            return str(exp.experiment_id)
+        return self.safe.call(
+            "creating the experiment",
+            self.client.create_experiment,
+            self.cfg.experiment,
+            tags={"mlflow.note.content": record.EXPERIMENT_NOTE},
+        )
+
+    def _parent(self, exp: str, known: str | None, out: SyncReport) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        if known:
+            try:
+                self.client.get_run(known)
+                return known
+            except MlflowException:
+                pass  # that store lost it (or it is another store): look it up by its tags
+        where = str(self.out_dir.resolve()).replace("'", "\\'")
+        found = self.safe.call(
+            "looking up the run",
+            self.client.search_runs,
+            [exp],
+            filter_string=f"tags.`qpacknet.out_dir` = '{where}'",
+            max_results=50,
+        )
+        parents = [r for r in found or [] if "mlflow.parentRunId" not in r.data.tags]
+        if parents:
+            return str(parents[0].info.run_id)
+        if self.safe.broken:
+            return None
+        cfg = self.config
+        device = self.results.get("evaluation", {}).get("device", "") if self.results else ""
+        tags = record.run_tags(
+            self.preset,
+            self.scenario,
+            cfg.seed,
+            self.executor,
+            str(device or cfg.device),
+            where,
+            "qpacknet run (recorded afterwards by qpacknet sync)",
+            {},
+        )
+        started = self.tasks[0].get("started_at") if self.tasks else None
+        run = self.safe.call(
+            "creating the run",
+            self.client.create_run,
+            exp,
+            start_time=record.ms(started) if started else None,
+            run_name=record.run_name(self.preset, self.scenario, self.out_dir.name),
+            tags=tags,
+        )
+        if run is None:
+            return None
+        writer.log_config(self.safe, run.info.run_id, flatten(cfg))
+        out.added.append("parent run")
+        return str(run.info.run_id)
+
+    def _children(self, exp: str, parent: str, key: str) -> dict[str, Any]:
+        """``parent``'s child runs by their tag ``key`` (task or candidate number)."""
+        found = self.safe.call(
+            f"looking up the runs under {parent}",
+            self.client.search_runs,
+            [exp],
+            filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+            max_results=5000,
+        )
+        return {r.data.tags.get(key): r for r in found or []}
+
+    # -------------------------------------------------------------- the tasks
+    def _task(self, exp: str, parent: str, t: int, run: Any, out: SyncReport) -> str | None:
+        rep = self.tasks[t]
+        if run is not None and run.info.status == "FINISHED":
+            return str(run.info.run_id)
+        if run is None:
+            created = self.safe.call(
+                "creating a task run",
+                self.client.create_run,
+                exp,
+                start_time=record.ms(rep["started_at"]) if rep.get("started_at") else None,
+                run_name=f"task-{record.task_label(t)}",
+                tags={"mlflow.parentRunId": parent, "qpacknet.task": record.task_label(t)},
+            )
+            if created is None:
+                return None
+            run_id = str(created.info.run_id)
+            out.added.append("task run")
+        else:
+            run_id = str(run.info.run_id)
+        capacity = rep.get("total_capacity_pct")
+        if capacity is None:
+            capacity = float("nan")
+        writer.log_task(self.safe, run_id, parent, rep, self.matrix[t], capacity, self.matrix)
+        out.added.append("task record")
+        if self.cfg.log_candidates:
+            self._candidates(exp, run_id, t, out)
+        return run_id
+
+    def _candidates(self, exp: str, task_run: str, t: int, out: SyncReport) -> None:
+        runs = self._children(exp, task_run, "qpacknet.candidate")
+        rep = self.tasks[t]
+        for c in rep["candidates"]:
+            run = runs.get(str(c["index"]))
+            chunk = writer.chunk_of(rep, c["index"])
+            winner = c["index"] == rep["winner"]
+            if run is not None and run.info.status == "FINISHED" and not winner:
+                continue
+            worker = self.workers.get(c.get("worker") or "", {})
+            run_id = writer.log_candidate(
+                self.safe, exp, task_run, t, c, chunk, worker,
+                run_id=None if run is None else str(run.info.run_id),
+            )  # fmt: skip
+            if run_id is None:
+                return
+            if run is None:
+                out.added.append("candidate run")
+            if winner:
+                writer.log_train_epochs(self.safe, run_id, rep.get("train_epochs", []))
+            writer.finish_candidate(self.safe, run_id, chunk)
+
+    # ------------------------------------------------------------ the versions
+    def _versions(self, run_id: str) -> dict[int, str]:
+        """Versions this run registered already: task index → version."""
+        from mlflow.exceptions import MlflowException
+
+        from qpacknet.tracking.registry import versions_of
+        from qpacknet.tracking.tracker import registered_name
+
+        self.model_name = registered_name(self.cfg, self.scenario)
+        try:
+            found = versions_of(self.client, self.model_name)
+        except MlflowException:
+            return {}
+        except Exception as exc:
+            self.safe.call("looking up model versions", writer._raise, exc)
+            return {}
+        out = {}
+        for v in found:
+            tags = v.tags or {}
+            if tags.get("qpacknet.run_id") == run_id and tags.get("qpacknet.tasks"):
+                out[int(tags["qpacknet.tasks"]) - 1] = str(v.version)
+        return out
+
+    def _version(
+        self,
+        t: int,
+        task_run: str,
+        parent: str | None,
+        lineage: Lineage | None,
+        exp: str,
+        out: SyncReport,
+    ) -> str | None:
+        if parent is None or not writer.ensure_registered_model(
+            self.safe, self.model_name, self.scenario
+        ):
+            return None
+        from qpacknet.model import PackedModel
+
+        tmp = Path(tempfile.mkdtemp(prefix="qpacknet-sync-"))
+        try:
+            snap = writer.snapshot_after(self.out_dir, t, tmp / "snap")
+            shape = PackedModel.load(snap / "model.safetensors").input_shape
+            logged = writer.log_model(self.safe, exp, task_run, t, snap, shape)
+            if logged is None:
+                return None
+            acc, _ = record.acc_bwt(self.matrix, t)
+            guard = lineage if lineage is not None and parent == lineage.parent else None
+            tags = record.version_tags(
+                t, parent, self.run_id, self.run_name, self.scenario, self.preset,
+                acc,
+            )  # fmt: skip
+            note = record.version_note(t, parent, self.run_name, self.scenario, self.preset, acc)
+            try:
+                version = writer.register_version(
+                    self.safe, self.model_name, logged, task_run, tags, note, guard
+                )
+            except RegistryConflict as exc:
+                out.conflicts.append(str(exc))
+                return None
+            if version is not None:
+                out.added.append("model version")
+            return version
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sync_run_dir(out_dir: Path, uri: str | None) -> SyncReport:
+    """``qpacknet sync``: the CLI's entry (raises :class:`UsageError` for what the user must
+    fix, :class:`TrackingUnavailable` when the server fails)."""
+    from qpacknet.tracking.tracker import STATE_FILE, MlflowTracker, resolve_uri
+
+    out_dir = Path(out_dir)
+    if not (out_dir / CHECKPOINT_FILE).is_file():
+        raise UsageError(
+            f"{out_dir} holds no qpacknet run ({CHECKPOINT_FILE} is missing); pass the --out of "
+            "a run"
+        )
+    try:
+        state = json.loads((out_dir / CHECKPOINT_FILE).read_text())
+        cfg = validate(state["config"]).tracking
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{out_dir / CHECKPOINT_FILE} is damaged ({exc})") from None
+    saved: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        saved = json.loads((out_dir / STATE_FILE).read_text())
+    uri = uri or saved.get("uri") or resolve_uri(cfg, out_dir)
+    if saved.get("uri") != uri:
+        saved = {}
+    cfg = cfg.model_copy(update={"uri": uri, "enabled": True})
+    tracker = MlflowTracker(cfg, out_dir)  # the same store set-up as a run
+    if not tracker._ready():
+        raise TrackingUnavailable(
+            f"MLflow at {uri} is not reachable: {tracker.safe.failure if tracker.safe else ''}; "
+            "nothing was added. Start the server (or pass --tracking-uri) and run sync again"
+        )
+    started = time.monotonic()
+    sync = RecordSync(tracker.safe, out_dir, cfg)
+    report = sync.sync(tracker.experiment_id, None, None, None, saved)
+    if tracker.safe.broken:
+        raise TrackingUnavailable(
+            f"MLflow at {uri} failed while {tracker.safe.failure}; what was added before stays "
+            f"({report.summary()}); run sync again when the server is back"
+        )
+    tracker.run_id, tracker.model_name = report.run_id, sync.model_name
+    tracker.task_runs, tracker.versions = report.task_runs, report.versions
+    tracker.run_name, tracker.lineage = sync.run_name, sync.lineage
+    tracker._save_state()
+    report.seconds = time.monotonic() - started
+    return report
