@@ -19,7 +19,8 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check qpacknet tests bench
-	$(PY) -m pytest -q
+	# two workers; the tests that start Ray run one after another on one of them (tests/conftest.py)
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 bench-population: $(VENV)/.installed
 	$(PY) bench/population.py --data-dir $(DATA)

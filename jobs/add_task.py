@@ -28,7 +28,11 @@ def add_task(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     if not out.is_dir():
-        print(f"add_task: error: {out} is not a directory; pass a run's --out", file=sys.stderr)
+        print(
+            f"add_task: error: {out} holds no qpacknet run (no such directory); pass the --out "
+            "of a run, or run jobs/run_scenario.py first",
+            file=sys.stderr,
+        )
         return 2
     try:
         # held across reading the task count and the run, so no writer slips in between

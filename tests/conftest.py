@@ -86,7 +86,6 @@ def blobs() -> BlobStream:
 # they run one after another on one worker, so two Ray instances never share this machine's
 # cores, while the other worker runs the rest.
 _RAY_FILES = {
-    "test_device_check.py",
     "test_devices.py",
     "test_events.py",
     "test_mlflow_server.py",

@@ -15,6 +15,8 @@ from qpacknet.model import PackedModel
 from qpacknet.scenarios import PermutedDigits
 from qpacknet.tracking.server import mlflow_server
 
+FAST = ["--set", "search.epochs=2", "--set", "train.epochs=4"]
+
 
 def test_digits_on_ray_logged_to_a_real_server(tmp_path: Path) -> None:
     import mlflow
@@ -26,7 +28,7 @@ def test_digits_on_ray_logged_to_a_real_server(tmp_path: Path) -> None:
         env.pop("RAY_ADDRESS", None)
         cmd = [sys.executable, "-m", "qpacknet", "run", "--preset", "digits", "--quiet"]
         proc = subprocess.run(
-            [*cmd, "--set", "scenario.num_tasks=2", "--executor", "ray", "--out", str(out)],
+            [*cmd, "--set", "scenario.num_tasks=2", *FAST, "--executor", "ray", "--out", str(out)],
             capture_output=True,
             text=True,
             timeout=300,

@@ -103,8 +103,15 @@ def _without_timings(res: dict) -> dict:
     for task in res["tasks"]:
         task.pop("seconds")
         task.pop("training_seconds")
+        for key in ("started_at", "committed_at"):
+            task.pop(key)
         for epoch in task["train_epochs"]:
             epoch.pop("ended_at")
+        for chunk in task["search_chunks"]:
+            chunk.pop("started_at")
+            chunk.pop("ended_at")
+        for c in task["candidates"]:
+            c["epochs"] = [e[:4] for e in c["epochs"]]  # without the time each epoch ended
     return res
 
 

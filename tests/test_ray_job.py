@@ -82,6 +82,9 @@ def test_ray_job_submit_digits(head: str, tmp_path: Path) -> None:
             "--preset",
             "digits",
             "--quiet",
+            "--set",
+            "scenario.num_tasks=2",
+            "--no-tracking",  # tracking under Ray: test_mlflow_server, test_ray_multinode
             "--out",
             str(out),
         ],
@@ -93,10 +96,10 @@ def test_ray_job_submit_digits(head: str, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
-    assert "task 4/4 committed" in proc.stdout
+    assert "task 2/2 committed" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     assert res["executor"] == "ray"
-    assert len(res["tasks"]) == 4 and res["bwt"] == 0.0 and res["acc"] > 85.0
+    assert len(res["tasks"]) == 2 and res["bwt"] == 0.0 and res["acc"] > 85.0
     assert (out / "model.safetensors").stat().st_size == res["packed_bytes"]
 
     logs = subprocess.run(
@@ -109,9 +112,9 @@ def test_ray_job_submit_digits(head: str, tmp_path: Path) -> None:
     assert logs.returncode == 0, logs.stderr
     lines = logs.stdout.splitlines()
     # one line per candidate result, per stage, per task; nothing from Ray in between
-    assert sum(" candidate " in ln and "sparsity" in ln for ln in lines) == 4 * 6
+    assert sum(" candidate " in ln and "sparsity" in ln for ln in lines) == 2 * 6
     for stage in ("SEARCH", "TRAIN", "QUANTIZE"):
-        assert sum(f" {stage} done in " in ln for ln in lines) == 4
-    assert sum("committed; test acc" in ln for ln in lines) == 4
+        assert sum(f" {stage} done in " in ln for ln in lines) == 2
+    assert sum("committed; test acc" in ln for ln in lines) == 2
     noise = [ln for ln in lines if "WARNING" in ln or "ERROR" in ln or ln.startswith("(")]
     assert not noise, noise

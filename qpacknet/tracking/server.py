@@ -28,7 +28,10 @@ def mlflow_server(
     """Start ``mlflow server`` under ``root`` (its sqlite store and artifacts are kept there, so
     a server started again on the same ``root`` and ``port`` serves the same record); yield
     its URI; stop it (and its workers), with ``kill`` at once (SIGKILL, as a crash would)."""
+    from qpacknet.tracking.localstore import prepare
+
     port = port or free_port()
+    prepare(root / "mlflow.db")  # a migrated copy: the server skips MLflow's schema migrations
     mlflow = Path(sys.executable).parent / "mlflow"
     log = (root / "server.log").open("a")
     proc = subprocess.Popen(
@@ -49,6 +52,9 @@ def mlflow_server(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # MLflow 3's job runner (GenAI evaluation jobs; a pool of consumer processes) is not
+        # used by qpacknet and costs seconds of start-up on a small machine
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     uri = f"http://127.0.0.1:{port}"
     try:
