@@ -44,7 +44,7 @@ def page(url: str, out: Path, name: str, wait_ms: int) -> str:
         "--no-sandbox",
         "--disable-gpu",
         "--hide-scrollbars",
-        "--window-size=1600,1000",
+        "--window-size=2200,1000",
         f"--virtual-time-budget={wait_ms}",
     ]
     subprocess.run(
@@ -113,6 +113,7 @@ def main() -> int:
             "no unrounded value on the task page": "00000000" not in texts["3-task"],
             "candidate run page": "task-2-candidate-" in texts["4-candidate"],
             "models tab lists logged models": "packed-after-task-" in texts["5-models-tab"],
+            "runs list shows the models": "qpacknet-digits v3" in texts["1-runs"],
             "registered model shows champion": "champion" in texts["6-registered"],
             "registered model has a description": "Version N+1 holds" in texts["6-registered"],
             "version shows its parent and ACC": "qpacknet.parent_version" in texts["7-version"]

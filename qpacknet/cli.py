@@ -335,9 +335,11 @@ def _learn(args: argparse.Namespace) -> int:
             f"learning task {model.num_tasks + 1} on top of {args.model} "
             f"({model.name} version {model.version}, {model.num_tasks} tasks); work dir {out}"
         )
+        # the model's own settings: the preset it was built with still describes them
+        same = not (args.preset or args.config or args.overrides)
         run_args = argparse.Namespace(
             out=str(out),
-            preset=None,
+            preset=args.preset or (model.checkpoint.get("preset") if same else None),
             data_dir=args.data_dir,
             quiet=args.quiet,
             command_line=args.command_line,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -81,6 +83,11 @@ def _restore_torch_threads() -> object:
 def blobs() -> BlobStream:
     return BlobStream()
 
+
+# Ray declares a node dead after 5 missed health checks 3 s apart; with both test workers busy
+# on a 2-core machine a simulated node's raylet can starve that long, so the tests' Ray
+# instances (which inherit the environment) tolerate 30.
+os.environ.setdefault("RAY_health_check_failure_threshold", "30")
 
 # Files whose tests start Ray: with ``pytest -n 2 --dist loadgroup`` (the README's test command)
 # they run one after another on one worker, so two Ray instances never share this machine's

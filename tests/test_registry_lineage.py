@@ -62,6 +62,10 @@ def _versions(client: object) -> dict[int, dict[str, str]]:
     }
 
 
+def _chain(versions: dict[int, dict[str, str]]) -> list[tuple[int, str, str]]:
+    return [(v, t["qpacknet.tasks"], t[PARENT_TAG]) for v, t in sorted(versions.items())]
+
+
 def test_two_concurrent_learns_neither_fork_nor_lose_a_task(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -86,6 +90,11 @@ def test_two_concurrent_learns_neither_fork_nor_lose_a_task(
         assert [versions[v]["qpacknet.tasks"] for v in (2, 3)] == ["2", "3"]
         assert [versions[v][PARENT_TAG] for v in (2, 3)] == ["1", "2"]
         assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "3"
+        for i, (proc, out, err) in enumerate(done):  # shown with pytest -s
+            said = [ln for ln in (out + err).splitlines() if "waiting for" in ln or
+                    "learning task" in ln]  # fmt: skip
+            print(f"same host, learn {i}: exit {proc.returncode}; " + " | ".join(said))
+        print("versions (number, tasks, parent):", _chain(versions))
         late = [out for _, out, _ in done if "learning task 3 on top of" in out]
         assert len(late) == 1 and "version 2, 2 tasks" in late[0]
 
@@ -103,9 +112,11 @@ def test_two_concurrent_learns_neither_fork_nor_lose_a_task(
         codes = sorted(proc.returncode for proc, _, _ in done)
         assert codes == [0, 2], [err[-3000:] for _, _, err in done]
         loser = next(err for proc, _, err in done if proc.returncode == 2)
+        print("two hosts: exits", codes, "| loser said:", loser.strip().splitlines()[-1])
         assert "version 4 (4 tasks, from version 3" in loser
         assert f"learn --model models:/{NAME}/latest again" in loser
         versions = _versions(client)
         assert sorted(versions) == [1, 2, 3, 4]
         assert versions[4][PARENT_TAG] == "3"
+        print("versions (number, tasks, parent):", _chain(versions))
         assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "4"

@@ -99,6 +99,11 @@ def test_hierarchy_metrics_and_artifacts_match_results(run: dict, capsys) -> Non
     assert m["task_inference_acc"] == r4(res["task_inference_acc"])
     assert m["class_incremental_acc"] == r4(res["class_incremental_acc"])
     assert parent.info.status == "FINISHED"
+    # the run lists the model after each task (the runs page's Models column)
+    assert sorted(o.step for o in client.get_run(parent.info.run_id).outputs.model_outputs) == [
+        1,
+        2,
+    ]
 
     tasks = sorted(children[parent.info.run_id], key=lambda r: r.info.run_name)
     assert [t.info.run_name for t in tasks] == ["task-1", "task-2"]
@@ -119,10 +124,12 @@ def test_hierarchy_metrics_and_artifacts_match_results(run: dict, capsys) -> Non
             (c["index"], r4(c["acc"])) for c in rep["candidates"]
         ]
         # the packed model after this task is an MLflow 3 logged model of the task's run
+        assert task_run.data.tags["mlflow.user"] == tags["mlflow.user"]
+        assert "/" not in task_run.data.tags["mlflow.source.name"]
         outputs = client.get_run(task_run.info.run_id).outputs.model_outputs
         assert len(outputs) == 1 and outputs[0].step == t + 1
         logged = client.get_logged_model(outputs[0].model_id)
-        assert logged.source_run_id == task_run.info.run_id and logged.status.to_proto() == 2
+        assert logged.source_run_id == parent.info.run_id and logged.status.to_proto() == 2
         cands = children[task_run.info.run_id]
         assert len(cands) == 6
         by_index = {int(c.data.tags["qpacknet.candidate"]): c for c in cands}

@@ -29,8 +29,10 @@ class CandidateRuns:
         experiment_id: str,
         task_run_id: str,
         task: int,
+        command: str,
     ) -> None:
         self.safe = safe
+        self.command = command
         self._bg = background
         self.experiment_id = experiment_id
         self.task_run_id = task_run_id
@@ -84,7 +86,14 @@ class CandidateRuns:
     ) -> None:
         for c in candidates:
             run_id = writer.log_candidate(
-                self.safe, self.experiment_id, self.task_run_id, self.task, c, chunk, worker
+                self.safe,
+                self.experiment_id,
+                self.task_run_id,
+                self.task,
+                c,
+                chunk,
+                worker,
+                self.command,
             )
             if run_id is None:
                 return

@@ -184,8 +184,20 @@ def candidate_name(t: int, index: int) -> str:
     return f"task-{task_label(t)}-candidate-{index}"
 
 
-def candidate_tags(task_run_id: str, t: int, index: int, worker: dict[str, Any]) -> dict:
+def task_run_tags(parent_run_id: str, t: int, command: str) -> dict[str, str]:
+    """A task run's tags at creation."""
+    return {
+        "mlflow.parentRunId": parent_run_id,
+        "qpacknet.task": task_label(t),
+        **origin_tags(command),
+    }
+
+
+def candidate_tags(
+    task_run_id: str, t: int, index: int, worker: dict[str, Any], command: str
+) -> dict:
     tags = {
+        **origin_tags(command),
         "mlflow.parentRunId": task_run_id,
         "qpacknet.task": task_label(t),
         "qpacknet.candidate": str(index),
@@ -221,16 +233,11 @@ def run_tags(
     extra: dict[str, str],
 ) -> dict[str, str]:
     """The parent run's tags at creation, ``Source`` and ``User`` included."""
-    import getpass
-    import os
-
     from qpacknet import __version__
 
-    try:
-        user = getpass.getuser()
-    except Exception:  # no passwd entry (some containers)
-        user = str(os.getuid())
     return {
+        **origin_tags(command),
+        "qpacknet.command": command,
         "qpacknet.preset": preset or "",
         "qpacknet.scenario": scenario,
         "qpacknet.seed": str(seed),
@@ -238,15 +245,31 @@ def run_tags(
         "qpacknet.device": device,
         "qpacknet.version": __version__,
         "qpacknet.out_dir": out_dir,
-        "mlflow.user": user,
-        "mlflow.source.name": command,
-        "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_ID") else "LOCAL",
         "mlflow.note.content": (
             f"Learning the {scenario} stream ({preset or 'custom settings'}, seed {seed}) with "
             f"Ada-QPacknet on the {executor} executor ({device}); files in {out_dir}. "
             "The figures appear here when the run ends."
         ),
         **extra,
+    }
+
+
+def origin_tags(command: str) -> dict[str, str]:
+    """``Created by`` and ``Source`` for every run of the record. The UI shows a source name
+    from its last ``/`` on, so paths in the command are shortened to their last part (the
+    whole command is the parent run's ``qpacknet.command`` tag)."""
+    import getpass
+    import os
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry (some containers)
+        user = str(os.getuid())
+    source = " ".join(tok.rstrip("/").rsplit("/", 1)[-1] for tok in command.split())
+    return {
+        "mlflow.user": user,
+        "mlflow.source.name": source,
+        "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_ID") else "LOCAL",
     }
 
 

@@ -30,6 +30,8 @@ from qpacknet.tracking import record, writer
 from qpacknet.tracking.client import SafeTracking
 from qpacknet.tracking.registry import Lineage, RegistryConflict
 
+SYNC_COMMAND = "qpacknet run (recorded afterwards by qpacknet sync)"
+
 
 class TrackingUnavailable(UsageError):
     """The tracking server failed during ``sync`` (exit 2; run it again later)."""
@@ -89,6 +91,8 @@ class RecordSync:
             else None
         )
         self.run_name = ""
+        self.run_id = ""
+        self.command = SYNC_COMMAND
 
     # ------------------------------------------------------------------ entry
     def sync(
@@ -113,7 +117,9 @@ class RecordSync:
         if run_id is None:
             return out
         self.run_id = run_id
-        self.run_name = self.client.get_run(run_id).info.run_name
+        parent_run = self.client.get_run(run_id)
+        self.run_name = parent_run.info.run_name
+        self.command = parent_run.data.tags.get("qpacknet.command", SYNC_COMMAND)
         n = len(self.tasks) if upto is None else min(upto, len(self.tasks))
         existing = self._children(exp, run_id, "qpacknet.task")
         versions = self._versions(run_id)
@@ -190,7 +196,7 @@ class RecordSync:
             self.executor,
             str(device or cfg.device),
             where,
-            "qpacknet run (recorded afterwards by qpacknet sync)",
+            SYNC_COMMAND,
             {},
         )
         started = self.tasks[0].get("started_at") if self.tasks else None
@@ -231,7 +237,7 @@ class RecordSync:
                 exp,
                 start_time=record.ms(rep["started_at"]) if rep.get("started_at") else None,
                 run_name=f"task-{record.task_label(t)}",
-                tags={"mlflow.parentRunId": parent, "qpacknet.task": record.task_label(t)},
+                tags=record.task_run_tags(parent, t, self.command),
             )
             if created is None:
                 return None
@@ -259,7 +265,7 @@ class RecordSync:
                 continue
             worker = self.workers.get(c.get("worker") or "", {})
             run_id = writer.log_candidate(
-                self.safe, exp, task_run, t, c, chunk, worker,
+                self.safe, exp, task_run, t, c, chunk, worker, self.command,
                 run_id=None if run is None else str(run.info.run_id),
             )  # fmt: skip
             if run_id is None:
@@ -312,7 +318,7 @@ class RecordSync:
         try:
             snap = writer.snapshot_after(self.out_dir, t, tmp / "snap")
             shape = PackedModel.load(snap / "model.safetensors").input_shape
-            logged = writer.log_model(self.safe, exp, task_run, t, snap, shape)
+            logged = writer.log_model(self.safe, exp, task_run, t, snap, shape, self.run_id)
             if logged is None:
                 return None
             acc, _ = record.acc_bwt(self.matrix, t)

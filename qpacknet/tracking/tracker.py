@@ -34,6 +34,7 @@ from qpacknet.tracking.registry import Lineage, RegistryConflict
 
 log = logging.getLogger("qpacknet.tracking")
 STATE_FILE = "mlflow.json"
+WORKFLOW = "workflowType=machine_learning"
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 
@@ -281,14 +282,14 @@ class MlflowTracker(RunObserver):
             self.safe.client.create_run,
             self.experiment_id,
             run_name=f"task-{record.task_label(task)}",
-            tags={"mlflow.parentRunId": self.run_id, "qpacknet.task": record.task_label(task)},
+            tags=record.task_run_tags(self.run_id, task, self.command),
         )
         if run is None:
             return
         self.task_runs[task] = run.info.run_id
         if self.cfg.log_candidates:
             self._candidates = CandidateRuns(
-                self.safe, self._bg, self.experiment_id, run.info.run_id, task
+                self.safe, self._bg, self.experiment_id, run.info.run_id, task, self.command
             )
 
     def worker_event(self, event: Event) -> None:
@@ -336,7 +337,13 @@ class MlflowTracker(RunObserver):
         if not writer.ensure_registered_model(self.safe, self.model_name, self.scenario):
             return
         logged = writer.log_model(
-            self.safe, self.experiment_id or "", run_id, task, snapshot, self._input_shape
+            self.safe,
+            self.experiment_id or "",
+            run_id,
+            task,
+            snapshot,
+            self._input_shape,
+            self.run_id or "",
         )
         if logged is None:
             return
@@ -396,10 +403,15 @@ class MlflowTracker(RunObserver):
             f"MLflow run {self.run_id} (experiment {self.cfg.experiment!r}) at {self.uri}",
             f"registered model {self.model_name!r}, versions {versions}",
         ]
+        # the query keeps MLflow 3's UI in its model-training view (a plain link opens GenAI)
+        page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}?{WORKFLOW}"
         if self.local_store:
-            lines.append(f"open it with: mlflow ui --backend-store-uri {self.uri}")
+            lines.append(
+                f"open it with: mlflow ui --backend-store-uri {self.uri}  then "
+                f"http://127.0.0.1:5000/{page}"
+            )
         else:
-            lines.append(f"open it at {self.uri}")
+            lines.append(f"open it at {self.uri.rstrip('/')}/{page}")
         return "\n".join(lines)
 
 

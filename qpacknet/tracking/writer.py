@@ -71,6 +71,7 @@ def log_candidate(
     candidate: dict[str, Any],
     chunk: dict[str, Any],
     worker: dict[str, Any],
+    command: str,
     run_id: str | None = None,
 ) -> str | None:
     """One candidate's run (created unless ``run_id`` is given): spans its SEARCH chunk,
@@ -83,7 +84,7 @@ def log_candidate(
             experiment_id,
             start_time=record.ms(chunk["started_at"]),
             run_name=record.candidate_name(t, candidate["index"]),
-            tags=record.candidate_tags(task_run_id, t, candidate["index"], worker),
+            tags=record.candidate_tags(task_run_id, t, candidate["index"], worker, command),
         )
         if run is None:
             return None
@@ -162,10 +163,11 @@ def log_model(
     task: int,
     snapshot: Path,
     input_shape: tuple[int, ...],
+    parent_run_id: str,
 ) -> Any:
     """Log the packed model after ``task`` as an MLflow 3 logged model (listed in the run's
-    Models column and the experiment's Models tab), linked to the task's run; returns the
-    ``LoggedModel`` (None when tracking failed)."""
+    Models column and the experiment's Models tab), an output of the task's run and of the
+    whole run; returns the ``LoggedModel`` (None when tracking failed)."""
     from mlflow.entities import LoggedModelOutput
     from mlflow.models import Model
 
@@ -177,7 +179,9 @@ def log_model(
         client.create_logged_model,
         experiment_id,
         name=f"packed-after-task-{record.task_label(task)}",
-        source_run_id=run_id,
+        # the whole run: the runs table's Models column lists a run's models by this id, and
+        # top-level rows are what a user sees first (the task's run lists it as an output)
+        source_run_id=parent_run_id,
         tags={"qpacknet.tasks": str(task + 1)},
         model_type="qpacknet-packed",
     )
@@ -196,12 +200,13 @@ def log_model(
         safe.call("saving the pyfunc model", _raise, exc)
         return None
     safe.call("uploading the model", client.log_model_artifacts, logged.model_id, str(model_dir))
-    safe.call(
-        "linking the model to its run",
-        client.log_outputs,
-        run_id,
-        [LoggedModelOutput(logged.model_id, step=task + 1)],
-    )
+    for linked in (run_id, parent_run_id):  # the task's run and the whole run list it
+        safe.call(
+            "linking the model to its run",
+            client.log_outputs,
+            linked,
+            [LoggedModelOutput(logged.model_id, step=task + 1)],
+        )
     done = safe.call("finalising the model", client.finalize_logged_model, logged.model_id, "READY")
     return None if done is None else logged
 
