@@ -90,11 +90,12 @@ def test_two_concurrent_learns_neither_fork_nor_lose_a_task(
         assert [versions[v]["qpacknet.tasks"] for v in (2, 3)] == ["2", "3"]
         assert [versions[v][PARENT_TAG] for v in (2, 3)] == ["1", "2"]
         assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "3"
-        for i, (proc, out, err) in enumerate(done):  # shown with pytest -s
-            said = [ln for ln in (out + err).splitlines() if "waiting for" in ln or
-                    "learning task" in ln]  # fmt: skip
-            print(f"same host, learn {i}: exit {proc.returncode}; " + " | ".join(said))
-        print("versions (number, tasks, parent):", _chain(versions))
+        with capsys.disabled():  # the outcome, shown with pytest -s
+            for i, (proc, out, err) in enumerate(done):
+                said = [ln for ln in (out + err).splitlines() if "waiting for" in ln or
+                        "learning task" in ln]  # fmt: skip
+                print(f"same host, learn {i}: exit {proc.returncode}; " + " | ".join(said))
+            print("versions (number, tasks, parent):", _chain(versions))
         late = [out for _, out, _ in done if "learning task 3 on top of" in out]
         assert len(late) == 1 and "version 2, 2 tasks" in late[0]
 
