@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -24,6 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qpacknet.tracking.server import mlflow_server  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def timed(cmd: list[str]) -> tuple[float, str]:
@@ -60,7 +71,7 @@ def main() -> int:
         "sync_again_s": round(second, 1),
         "first_sync_said": said.strip().splitlines()[-1],
         "second_sync_said": again.strip().splitlines()[-1],
-        "machine": f"{platform.processor() or platform.machine()}, {platform.node()}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
     }
     print(f"digits, {args.tasks} tasks, local executor, mlflow server on 127.0.0.1")
     print(f"  run, tracking off            {offline:7.1f} s")

@@ -54,7 +54,7 @@ class SyncReport:
         counts: dict[str, int] = {}
         for item in self.added:
             counts[item] = counts.get(item, 0) + 1
-        return "added " + ", ".join(f"{n} {what}" for what, n in counts.items())
+        return "added " + ", ".join(f"{what} ×{n}" for what, n in counts.items())
 
 
 class RecordSync:
