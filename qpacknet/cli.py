@@ -360,10 +360,19 @@ def _refuse_second_child(uri: str, name: str, lineage: Any) -> None:
     """An explicit older version that already has a child would fork the registry: refuse
     before training (the same check runs again right before registering)."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    from qpacknet.tracking.registry import check_before_register
+    from qpacknet.tracking.registry import RegistryConflict, check_before_register
 
-    check_before_register(MlflowClient(uri, uri), name, lineage, before_training=True)
+    try:
+        check_before_register(MlflowClient(uri, uri), name, lineage, before_training=True)
+    except RegistryConflict:
+        raise
+    except MlflowException as exc:
+        raise UsageError(
+            f"cannot read the versions of {name!r} at {uri}: {exc.message.splitlines()[0]}; "
+            "nothing was learned; check --tracking-uri and that the server is up"
+        ) from None
 
 
 def _sync(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from qpacknet.errors import DataError, UsageError
+from qpacknet.fileio import atomic_write_text
 from qpacknet.layout import MODEL_FILE
 from qpacknet.model import PackedModel
 from qpacknet.preparation import Preparation, of_store, task_inputs
@@ -217,7 +218,7 @@ def _write(out: Path, rows: list[dict[str, Any]]) -> None:
     else:
         text = "[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n"
     try:
-        out.write_text(text)
+        atomic_write_text(out, text)  # never a half-written predictions file
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot write it ({exc.strerror or exc})") from None
 

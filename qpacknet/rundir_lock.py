@@ -1,6 +1,7 @@
 """One live writer per run directory.
 
-``run``, ``add_task`` and ``learn`` rewrite a run directory's model, checkpoint and results;
+``run``, ``add_task`` and ``learn`` rewrite a run directory's model, checkpoint and results
+(and ``sync`` its ``mlflow.json``);
 two of them on one directory would interleave their commits. Each holds an exclusive
 ``flock`` on ``<out>/.qpacknet.lock`` for as long as it writes, and records in that file who it
 is, so that a second writer is refused at once with the holder's pid, host and command. The
@@ -65,7 +66,8 @@ def _describe(out: Path, info: dict[str, object]) -> str:
 
 @contextlib.contextmanager
 def hold_run_dir(out: Path, command: str | None = None) -> Iterator[None]:
-    """Hold ``out`` for this process while the block runs (re-entrant within a process).
+    """Hold ``out`` for this process while the block runs (re-entrant within a process: a
+    command that calls another, like ``add_task`` → ``run``, holds it once).
 
     Raises :class:`RunDirBusy` when another live process holds it."""
     out.mkdir(parents=True, exist_ok=True)
@@ -95,8 +97,12 @@ def hold_run_dir(out: Path, command: str | None = None) -> Iterator[None]:
         "command": command or " ".join(["qpacknet", *sys.argv[1:]]),
         "started": time.time(),
     }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(record).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+    except OSError:
+        os.close(fd)  # drops the lock again: a full disk must not leave it held
+        raise
     _held[key] = (fd, 1)
     try:
         yield

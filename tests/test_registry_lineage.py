@@ -121,3 +121,67 @@ def test_two_concurrent_learns_neither_fork_nor_lose_a_task(
         assert versions[4][PARENT_TAG] == "3"
         print("versions (number, tasks, parent):", _chain(versions))
         assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "4"
+
+
+class _Version:
+    def __init__(self, version: int, parent: str) -> None:
+        self.version, self.run_id = version, f"run-{version}"
+        self.tags = {PARENT_TAG: parent, "qpacknet.tasks": "2"}
+
+
+class _Registry:
+    """Two hosts registered children of version 1 at the same moment: versions 2 and 3."""
+
+    def __init__(self) -> None:
+        self.versions = [_Version(1, ""), _Version(2, "1"), _Version(3, "1")]
+        self.deleted: list[str] = []
+
+    def search_model_versions(self, *_: object, **__: object) -> list[_Version]:
+        return [v for v in self.versions if str(v.version) not in self.deleted]
+
+    def delete_model_version(self, name: str, version: str) -> None:
+        self.deleted.append(version)
+
+
+def test_the_later_of_two_simultaneous_children_withdraws_itself() -> None:
+    from qpacknet.tracking.registry import Lineage, RegistryConflict, check_after_register
+
+    registry = _Registry()
+    lineage = Lineage("1", True, "/work/dir", 1)
+    check_after_register(registry, NAME, lineage, "2")  # the lower number wins: no error
+    assert registry.deleted == []
+    with pytest.raises(RegistryConflict) as err:
+        check_after_register(registry, NAME, lineage, "3")
+    assert registry.deleted == ["3"]
+    assert "version 2 (2 tasks, from version 1, run run-2) was registered from version 1" in str(
+        err.value
+    )
+    assert "this learn's version 3, which was withdrawn" in str(err.value)
+
+
+def test_extending_a_run_whose_last_version_was_learned_on_refuses_to_fork(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run registered version 1; a learn added version 2 on top of it; the run itself is
+    then extended (add_task, or run with more tasks): its task 2 would be a second child of
+    version 1, so it is committed in its directory but not registered, and the command exits
+    2 naming version 2."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("QPACKNET_LOCK_DIR", str(tmp_path / "locks"))
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    run = ["run", "--preset", "digits", *FAST, "--executor", "local", "--quiet",
+           "--tracking-uri", store, "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main([*run, "--set", "scenario.num_tasks=1"]) == 0
+    learn = ["learn", "--model", f"models:/{NAME}/latest", "--tracking-uri", store]
+    assert main([*learn, "--executor", "local", "--quiet", "--out", str(tmp_path / "l")]) == 0
+    capsys.readouterr()
+    assert main([*run, "--set", "scenario.num_tasks=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"version 1 of '{NAME}' already has a child: version 2 (2 tasks, from version 1" in err
+    client = MlflowClient(store, store)
+    chain = sorted(
+        (int(v.version), v.tags[PARENT_TAG]) for v in client.search_model_versions(f"name='{NAME}'")
+    )
+    assert chain == [(1, ""), (2, "1")]
+    assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "2"

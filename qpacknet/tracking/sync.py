@@ -31,6 +31,7 @@ from qpacknet.tracking.client import SafeTracking
 from qpacknet.tracking.registry import Lineage, RegistryConflict
 
 SYNC_COMMAND = "qpacknet run (recorded afterwards by qpacknet sync)"
+LEARN_COMMAND = "qpacknet learn (recorded afterwards by qpacknet sync)"
 
 
 class TrackingUnavailable(UsageError):
@@ -79,20 +80,13 @@ class RecordSync:
         self.scenario = str(source.get("scenario") or self.config.scenario.name)
         self.preset = source.get("preset")
         self.executor = str(source.get("executor") or self.config.executor.kind)
-        learned = state.get("learned_from")
-        self.lineage = (
-            Lineage(
-                str(learned["version"]),
-                bool(learned["from_latest"]),
-                str(self.out_dir),
-                int(learned["tasks"]),
-            )
-            if learned
-            else None
-        )
+        from qpacknet.tracking.tracker import learned_lineage
+
+        self.lineage = learned_lineage(self.out_dir)
         self.run_name = ""
         self.run_id = ""
-        self.command = SYNC_COMMAND
+        self._found: list[Any] = []
+        self.command = LEARN_COMMAND if state.get("learned_from") else SYNC_COMMAND
 
     # ------------------------------------------------------------------ entry
     def sync(
@@ -102,38 +96,48 @@ class RecordSync:
         upto: int | None = None,
         lineage: Lineage | None = None,
         saved: dict[str, Any] | None = None,
+        known: dict[str, Any] | None = None,
     ) -> SyncReport:
         """Add what is missing of tasks ``0..upto-1`` (all committed tasks by default) and,
-        when the run has ended, of the parent run's end."""
+        when the run has ended, of the parent run's end. ``saved`` is ``mlflow.json`` (the
+        run, its task runs and versions as the live tracker recorded them); ``known``: task
+        runs and versions the caller already holds."""
         out = SyncReport()
         saved = saved or {}
+        known = known or saved
         lineage = lineage or self.lineage
         first = lineage.first_task if lineage is not None else 0
         exp = experiment_id or self._experiment()
         if exp is None:
             return out
-        run_id = run_id or self._parent(exp, saved.get("run_id"), out)
+        run_id = run_id or self._parent(exp, saved.get("run_id"), out, first)
         out.run_id = run_id
         if run_id is None:
             return out
         self.run_id = run_id
-        parent_run = self.client.get_run(run_id)
+        parent_run = self.safe.call("reading the run", self.client.get_run, run_id)
+        if parent_run is None:
+            return out
         self.run_name = parent_run.info.run_name
-        self.command = parent_run.data.tags.get("qpacknet.command", SYNC_COMMAND)
+        self.command = parent_run.data.tags.get("qpacknet.command", self.command)
         n = len(self.tasks) if upto is None else min(upto, len(self.tasks))
         existing = self._children(exp, run_id, "qpacknet.task")
-        versions = self._versions(run_id)
+        by_id = {r.info.run_id: r for r in self._found}
+        recorded = _int_keys(known.get("task_runs"))
+        versions = {**_int_keys(known.get("model_versions")), **self._versions(run_id)}
         for t in range(first, n):  # a learn's run records only the tasks it learned
             if self.safe.broken:
                 break
-            task_run = self._task(exp, run_id, t, existing.get(record.task_label(t)), out)
+            run = by_id.get(recorded.get(t, "")) or existing.get(record.task_label(t))
+            task_run = self._task(exp, run_id, t, run, out)
             if task_run is None:
                 break
             out.task_runs[t] = task_run
             if self.cfg.register_models:
-                parent = out.versions.get(t - 1) or versions.get(t - 1)
                 if t == first:
-                    parent = lineage.parent if lineage is not None else ""
+                    parent: str | None = lineage.parent if lineage is not None else ""
+                else:
+                    parent = out.versions.get(t - 1) or versions.get(t - 1)
                 version = versions.get(t) or self._version(t, task_run, parent, lineage, exp, out)
                 if version is not None:
                     out.versions[t] = version
@@ -145,8 +149,10 @@ class RecordSync:
                 end_time=record.commit_ms(self.tasks[t]),
             )
         if upto is None and self.results is not None and not self.safe.broken:
-            run = self.client.get_run(run_id)
-            if run.info.status != "FINISHED" or "packed_bytes" not in run.data.metrics:
+            run = self.safe.call("reading the run", self.client.get_run, run_id)
+            if run is not None and (
+                run.info.status != "FINISHED" or "packed_bytes" not in run.data.metrics
+            ):
                 writer.end_run(self.safe, run_id, self.results, self.out_dir, self.preset)
                 out.added.append("run end (final metrics, files, plots)")
         return out
@@ -165,15 +171,21 @@ class RecordSync:
             tags={"mlflow.note.content": record.EXPERIMENT_NOTE},
         )
 
-    def _parent(self, exp: str, known: str | None, out: SyncReport) -> str | None:
+    def _parent(self, exp: str, known: str | None, out: SyncReport, first: int) -> str | None:
         from mlflow.exceptions import MlflowException
 
         if known:
             try:
                 self.client.get_run(known)
                 return known
-            except MlflowException:
-                pass  # that store lost it (or it is another store): look it up by its tags
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    self.safe.call("reading the run", writer._raise, exc)
+                    return None
+                # that store lost it (or it is another store): look it up by its tags
+            except Exception as exc:
+                self.safe.call("reading the run", writer._raise, exc)
+                return None
         where = str(self.out_dir.resolve()).replace("'", "\\'")
         found = self.safe.call(
             "looking up the run",
@@ -196,16 +208,17 @@ class RecordSync:
             self.executor,
             str(device or cfg.device),
             where,
-            SYNC_COMMAND,
+            self.command,
             {},
         )
-        started = self.tasks[0].get("started_at") if self.tasks else None
+        started = self.tasks[first].get("started_at") if len(self.tasks) > first else None
+        name = record.run_name(self.preset, self.scenario, self.out_dir.name)
         run = self.safe.call(
             "creating the run",
             self.client.create_run,
             exp,
             start_time=record.ms(started) if started else None,
-            run_name=record.run_name(self.preset, self.scenario, self.out_dir.name),
+            run_name=unique_name(self.safe, exp, name),
             tags=tags,
         )
         if run is None:
@@ -223,7 +236,15 @@ class RecordSync:
             filter_string=f"tags.mlflow.parentRunId = '{parent}'",
             max_results=5000,
         )
-        return {r.data.tags.get(key): r for r in found or []}
+        self._found = list(found or [])
+        best: dict[str, Any] = {}
+        for r in self._found:  # an interrupted attempt's run loses to the finished one
+            k = r.data.tags.get(key)
+            rank = (r.info.status == "FINISHED", r.info.start_time or 0)
+            old = best.get(k)
+            if old is None or rank > (old.info.status == "FINISHED", old.info.start_time or 0):
+                best[k] = r
+        return best
 
     # -------------------------------------------------------------- the tasks
     def _task(self, exp: str, parent: str, t: int, run: Any, out: SyncReport) -> str | None:
@@ -287,7 +308,9 @@ class RecordSync:
         self.model_name = registered_name(self.cfg, self.scenario)
         try:
             found = versions_of(self.client, self.model_name)
-        except MlflowException:
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":  # else: not registered yet
+                self.safe.call("looking up model versions", writer._raise, exc)
             return {}
         except Exception as exc:
             self.safe.call("looking up model versions", writer._raise, exc)
@@ -322,7 +345,11 @@ class RecordSync:
             if logged is None:
                 return None
             acc, _ = record.acc_bwt(self.matrix, t)
-            guard = lineage if lineage is not None and parent == lineage.parent else None
+            guard = None
+            if parent and lineage is not None and t == lineage.first_task:
+                guard = lineage
+            elif parent:  # every version with a parent must be that parent's only child
+                guard = Lineage(parent, False, str(self.out_dir), t)
             tags = record.version_tags(
                 t, parent, self.run_id, self.run_name, self.scenario, self.preset,
                 acc,
@@ -340,6 +367,32 @@ class RecordSync:
             return version
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _int_keys(mapping: Any) -> dict[int, str]:
+    """``{"0": "…"}`` from ``mlflow.json`` as ``{0: "…"}`` (nothing when it is damaged)."""
+    try:
+        return {int(k): str(v) for k, v in (mapping or {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        return {}
+
+
+def unique_name(safe: SafeTracking, experiment_id: str, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``... if a run of the experiment has it."""
+    taken = safe.call(
+        "looking up run names",
+        safe.client.search_runs,
+        [experiment_id],
+        filter_string=f"attributes.run_name LIKE '{name}%'",
+        max_results=1000,
+    )
+    names = {r.info.run_name for r in taken or []}
+    if name not in names:
+        return name
+    n = 2
+    while f"{name}-{n}" in names:
+        n += 1
+    return f"{name}-{n}"
 
 
 def sync_run_dir(out_dir: Path, uri: str | None) -> SyncReport:

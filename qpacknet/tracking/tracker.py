@@ -171,8 +171,9 @@ class MlflowTracker(RunObserver):
                 "uri": self.uri,
                 "experiment_id": self.experiment_id,
                 "run_id": self.run_id,
-                "task_runs": {str(k): v for k, v in self.task_runs.items()},
-                "model_versions": {str(k): v for k, v in self.versions.items()},
+                # copies first: the training thread adds task runs while this thread writes
+                "task_runs": {str(k): v for k, v in dict(self.task_runs).items()},
+                "model_versions": {str(k): v for k, v in dict(self.versions).items()},
                 "registered_model": self.model_name,
                 "run_name": self.run_name,
                 "lineage": dataclasses.asdict(self.lineage) if self.lineage else None,
@@ -186,14 +187,23 @@ class MlflowTracker(RunObserver):
         if not self._ready():
             return
         client = self.safe.client
+        if self.lineage is None:
+            self.lineage = learned_lineage(self.out_dir)
         saved = self._saved_state() if event.first > 0 else None
         if saved and saved.get("run_id"):
             self.run_id = saved["run_id"]
             self.run_name = saved.get("run_name", "")
-            self.task_runs = {int(k): v for k, v in saved.get("task_runs", {}).items()}
-            self.versions = {int(k): v for k, v in saved.get("model_versions", {}).items()}
-            if self.lineage is None and saved.get("lineage"):
-                self.lineage = Lineage(**saved["lineage"])
+            try:
+                runs = {int(k): str(v) for k, v in saved.get("task_runs", {}).items()}
+                versions = {int(k): str(v) for k, v in saved.get("model_versions", {}).items()}
+            except (TypeError, ValueError, AttributeError):
+                runs, versions = {}, {}  # a damaged mlflow.json: sync finds them by their tags
+            for t, run_id in sorted(runs.items()):
+                if t >= event.first:  # an attempt the crash interrupted; learned again below
+                    self.safe.call("closing an interrupted task run", client.set_terminated,
+                                   run_id, "KILLED")  # fmt: skip
+            self.task_runs = {t: r for t, r in runs.items() if t < event.first}
+            self.versions = {t: v for t, v in versions.items() if t < event.first}
             self.safe.call("reopening the run", client.update_run, self.run_id, status="RUNNING")
             self.safe.call(
                 "tagging the resume",
@@ -217,8 +227,12 @@ class MlflowTracker(RunObserver):
         commit = _git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
-        self.run_name = self._unique_name(
-            record.run_name(event.preset, event.scenario, self.out_dir.name)
+        from qpacknet.tracking.sync import unique_name
+
+        self.run_name = unique_name(
+            self.safe,
+            self.experiment_id or "",
+            record.run_name(event.preset, event.scenario, self.out_dir.name),
         )
         run = self.safe.call(
             "creating the run",
@@ -235,27 +249,13 @@ class MlflowTracker(RunObserver):
         if event.first > 0:  # resumed, but its tracking never got going before
             self._catch_up(event.first)
 
-    def _unique_name(self, name: str) -> str:
-        """``name``, or ``name-2``, ``name-3``... if a run of the experiment has it."""
-        taken = self.safe.call(
-            "looking up run names",
-            self.safe.client.search_runs,
-            [self.experiment_id],
-            filter_string=f"attributes.run_name LIKE '{name}%'",
-            max_results=1000,
-        )
-        names = {r.info.run_name for r in taken or []}
-        if name not in names:
-            return name
-        n = 2
-        while f"{name}-{n}" in names:
-            n += 1
-        return f"{name}-{n}"
-
     def _catch_up(self, first: int) -> None:
-        """A resumed run whose tracking had failed: add what the record misses of tasks
-        ``0..first-1`` (what ``qpacknet sync`` does), on the background thread."""
+        """On every resume: add what the record misses of tasks ``0..first-1`` (what
+        ``qpacknet sync`` does; nothing when tracking never failed), on the background
+        thread, before the next task's logging, which runs on the same thread."""
         from qpacknet.tracking.sync import RecordSync
+
+        known = {"task_runs": dict(self.task_runs), "model_versions": dict(self.versions)}
 
         def job() -> None:
             report = RecordSync(self.safe, self.out_dir, self.cfg).sync(
@@ -263,9 +263,15 @@ class MlflowTracker(RunObserver):
                 run_id=self.run_id,
                 upto=first,
                 lineage=self.lineage,
+                known=known,
             )
-            self.task_runs.update(report.task_runs)
-            self.versions.update(report.versions)
+            for t, run_id in report.task_runs.items():
+                self.task_runs.setdefault(t, run_id)
+            for t, version in report.versions.items():
+                self.versions.setdefault(t, version)
+            for text in report.conflicts:
+                self.conflict = RegistryConflict(text)
+                log.error("not registered: %s", text)
             if report.added:
                 log.warning("MLflow record brought up to date: %s", report.summary())
             self._save_state()
@@ -299,8 +305,14 @@ class MlflowTracker(RunObserver):
 
     def task_committed(self, event: TaskCommitted) -> None:
         run_id = self.task_runs.get(event.task)
-        if run_id is None or self.run_id is None:
+        if run_id is None or self.run_id is None or self.safe.broken:
             return
+        try:
+            self._snapshot_and_log(event, run_id)
+        except Exception as exc:  # e.g. a full disk: tracking stops, training goes on
+            self.safe.call("copying the committed model for logging", _raise, exc)
+
+    def _snapshot_and_log(self, event: TaskCommitted, run_id: str) -> None:
         snapshot = Path(tempfile.mkdtemp(prefix="qpacknet-mlflow-"))
         for name in (MODEL_FILE, CHECKPOINT_FILE, CONFIG_FILE):
             src = self.out_dir / name
@@ -329,9 +341,9 @@ class MlflowTracker(RunObserver):
         shutil.rmtree(snapshot, ignore_errors=True)
 
     def _register(self, event: TaskCommitted, run_id: str, snapshot: Path) -> None:
-        """Log the packed model after the task (an MLflow 3 logged model of the task's run)
-        and register it as a new version whose parent is the previous task's version (a
-        learn's first: the version it extends), guarded against forks
+        """Log the packed model after the task (an MLflow 3 logged model of the run, an output
+        of the task's run too) and register it as a new version whose parent is the previous
+        task's version (a learn's first: the version it extends), guarded against forks
         (:mod:`~qpacknet.tracking.registry`)."""
         task = event.task
         if not writer.ensure_registered_model(self.safe, self.model_name, self.scenario):
@@ -347,9 +359,16 @@ class MlflowTracker(RunObserver):
         )
         if logged is None:
             return
-        lineage = self.lineage
-        parent = self.versions.get(task - 1) or (lineage.parent if lineage else "")
-        guard = lineage if lineage is not None and parent == lineage.parent else None
+        parent, guard = self._parent(task)
+        if parent is None:
+            log.error(
+                "task %d was not registered: the version of task %d is not known (its "
+                "registration failed); qpacknet sync --out %s registers both",
+                task + 1,
+                task,
+                self.out_dir,
+            )
+            return
         tags = record.version_tags(
             task, parent, self.run_id or "", self.run_name, self.scenario, self.preset, event.acc
         )
@@ -366,6 +385,22 @@ class MlflowTracker(RunObserver):
             return
         if version is not None:
             self.versions[task] = version
+
+    def _parent(self, task: int) -> tuple[str | None, Lineage | None]:
+        """The version task ``task``'s version extends ('' for a run's first task, None if
+        unknown) and the compare-and-set guard: every version with a parent must be that
+        parent's only child (a learn's first task also checks that ``latest`` did not move)."""
+        lineage = self.lineage
+        first = lineage.first_task if lineage is not None else 0
+        if task == first:
+            parent = lineage.parent if lineage is not None else ""
+        else:
+            parent = self.versions.get(task - 1)
+        if not parent:
+            return parent, None
+        if lineage is not None and task == first:
+            return parent, lineage
+        return parent, Lineage(parent, False, str(self.out_dir), task)
 
     # ---------------------------------------------------------------- run end
     def run_finished(self, results: dict[str, Any]) -> None:
@@ -417,3 +452,20 @@ class MlflowTracker(RunObserver):
 
 def _raise(exc: BaseException) -> None:
     raise exc
+
+
+def learned_lineage(out_dir: Path) -> Lineage | None:
+    """Where a ``qpacknet learn`` work dir attaches (its checkpoint's ``learned_from``), so
+    that a resumed learn still registers its task as the child of the version it extends."""
+    try:
+        learned = json.loads((out_dir / CHECKPOINT_FILE).read_text()).get("learned_from")
+        if learned and learned.get("version"):
+            return Lineage(
+                str(learned["version"]),
+                bool(learned.get("from_latest")),
+                str(out_dir),
+                int(learned["tasks"]),
+            )
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return None
