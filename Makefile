@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check qpacknet tests bench
 	# two workers; the tests that start Ray run one after another on one of them (tests/conftest.py)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2
 
 bench-population: $(VENV)/.installed
 	$(PY) bench/population.py --data-dir $(DATA)

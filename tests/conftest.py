@@ -89,10 +89,12 @@ def blobs() -> BlobStream:
 # instances (which inherit the environment) tolerate 30.
 os.environ.setdefault("RAY_health_check_failure_threshold", "30")
 
-# Files whose tests start Ray: with ``pytest -n 2 --dist loadgroup`` (the README's test command)
-# they run one after another on one worker, so two Ray instances never share this machine's
-# cores, while the other worker runs the rest.
-_RAY_FILES = {
+# Files whose tests start Ray. With ``pytest -n 2`` (make test) they form one unit of work, run
+# one after another on one worker, so two Ray instances never share this machine's cores (and
+# one test's ``ray stop`` never hits another's cluster), while the other worker runs the rest.
+# Done with a scheduler of our own: xdist's ``--dist loadgroup`` marks do nothing under pytest 9
+# (xdist 3.8 renames the items through an attribute pytest 9 no longer reads).
+RAY_FILES = {
     "test_devices.py",
     "test_events.py",
     "test_mlflow_server.py",
@@ -104,7 +106,13 @@ _RAY_FILES = {
 }
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.name in _RAY_FILES:
-            item.add_marker(pytest.mark.xdist_group("ray"))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayTestsTogether(LoadScopeScheduling):
+        """Every test its own unit of work, except the Ray files' tests: one unit."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if nodeid.split("::", 1)[0].rsplit("/", 1)[-1] in RAY_FILES else nodeid
+
+    return RayTestsTogether(config, log)
