@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def page(url: str, out: Path, name: str, wait_ms: int) -> str:
         [*common, "--dump-dom", url], capture_output=True, text=True, timeout=120
     ).stdout
     (out / f"{name}.html").write_text(dom)
-    return dom
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))  # the text a reader sees
 
 
 def main() -> int:
