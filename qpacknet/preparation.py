@@ -69,6 +69,28 @@ class Preparation:
         if not ok:
             raise ValueError(f"inconsistent input preparation: {self}")
 
+    @classmethod
+    def uint8_image(
+        cls,
+        shape: tuple[int, ...],
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        scenario: str,
+        resize: str = "none",
+    ) -> Preparation:
+        """A uint8 image standardised per channel with ``mean``/``std`` in pixel units: what
+        every image scenario's :class:`~qpacknet.scenarios.base.Split` does."""
+        return cls(
+            kind="image",
+            shape=tuple(shape),
+            dtype="uint8",
+            value_range=(0.0, 255.0),
+            mean=tuple(mean.tolist()),
+            std=tuple(std.tolist()),
+            resize=resize,
+            scenario=scenario,
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "version": VERSION,

@@ -34,19 +34,29 @@ class RunDirBusy(UsageError):
     """Another live process is writing the run directory (exit 2)."""
 
 
-def _holder(fd: int) -> dict[str, object]:
-    """The holder's record, read through ``fd`` (it may be mid-write: then try again)."""
+def read_holder(fd: int) -> dict[str, object]:
+    """The record a lock's holder wrote through :func:`write_holder`, read through ``fd``
+    (it may be mid-write: then try again; ``{}`` when it never becomes readable)."""
     for _ in range(20):
-        os.lseek(fd, 0, os.SEEK_SET)
-        raw = os.read(fd, 65536)
         try:
-            info = json.loads(raw)
+            info = json.loads(os.pread(fd, 65536, 0))
         except ValueError:
             time.sleep(0.05)
             continue
-        if isinstance(info, dict):
-            return info
+        return info if isinstance(info, dict) else {}
     return {}
+
+
+def write_holder(fd: int, command: str) -> None:
+    """Say in the locked file who holds it: pid, host, command and start time."""
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "started": time.time(),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
 
 
 def _describe(out: Path, info: dict[str, object]) -> str:
@@ -84,22 +94,15 @@ def hold_run_dir(out: Path, command: str | None = None) -> Iterator[None]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        info = _holder(fd)
+        info = read_holder(fd)
         os.close(fd)
         raise RunDirBusy(
             f"{_describe(out, info)}; one process writes a run directory at a time. Wait for "
             f"it to finish (or stop it: kill {info.get('pid', '<pid>')}) and run again, which "
             "resumes from its last committed task, or pass another --out"
         ) from None
-    record = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "command": command or " ".join(["qpacknet", *sys.argv[1:]]),
-        "started": time.time(),
-    }
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        write_holder(fd, command or " ".join(["qpacknet", *sys.argv[1:]]))
     except OSError:
         os.close(fd)  # drops the lock again: a full disk must not leave it held
         raise

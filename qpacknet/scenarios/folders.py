@@ -314,15 +314,7 @@ class FolderStream(TaskStream):
         if index not in self._stats:
             self.task(index)
         mean, std = self._stats[index]
-        return Preparation(
-            kind="image",
-            shape=tuple(self.input_shape),
-            dtype="uint8",
-            value_range=(0.0, 255.0),
-            mean=tuple(mean.tolist()),
-            std=tuple(std.tolist()),
-            scenario=self.name,
-        )
+        return Preparation.uint8_image(self.input_shape, mean, std, self.name)
 
     def standardisation(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Task ``index``'s per-channel ``(mean, std)`` in [0, 1] pixel units (float32 ``[C]``):

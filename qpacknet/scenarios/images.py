@@ -346,16 +346,7 @@ class ImageStream(TaskStream):
         """Raw input: a uint8 image, standardised per channel with the task's training
         statistics in pixel units, as :class:`~qpacknet.scenarios.base.Split` does."""
         mean, std = self._pixel_stats(self._check_index(index))
-        return Preparation(
-            kind="image",
-            shape=tuple(self.input_shape),
-            dtype="uint8",
-            value_range=(0.0, 255.0),
-            mean=tuple(mean.tolist()),
-            std=tuple(std.tolist()),
-            resize=self._resize,
-            scenario=self.name,
-        )
+        return Preparation.uint8_image(self.input_shape, mean, std, self.name, self._resize)
 
     def _pixel_stats(
         self, index: int, train_x: torch.Tensor | None = None

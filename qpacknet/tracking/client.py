@@ -63,6 +63,33 @@ class SafeTracking:
             )
             return None
 
+    def lookup(self, what: str, fn: Callable[..., T], *args: Any) -> T | None:
+        """``fn(*args)`` for something that may not exist: None when the store says it does
+        not (MLflow's ``RESOURCE_DOES_NOT_EXIST``, an answer, not a failure). Any other error
+        is a failure like in :meth:`call` (one warning, tracking off) and also gives None, so
+        callers tell the two apart by :attr:`broken`."""
+        from mlflow.exceptions import MlflowException
+
+        if self.broken:
+            return None
+        try:
+            return fn(*args)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            return self.fail(what, exc)
+        except Exception as exc:
+            return self.fail(what, exc)
+
+    def fail(self, what: str, exc: BaseException) -> None:
+        """Report an error caught outside :meth:`call` the way :meth:`call` reports its own:
+        one warning, then tracking is off."""
+
+        def again() -> None:
+            raise exc
+
+        self.call(what, again)
+
 
 class Background:
     """One worker thread that runs logging jobs in order, off the training thread: training

@@ -21,10 +21,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from qpacknet.errors import UsageError
+from qpacknet.rundir_lock import read_holder, write_holder
 
 PARENT_TAG = "qpacknet.parent_version"
 ALIAS = "champion"
@@ -53,6 +52,21 @@ class Lineage:
     from_latest: bool
     work_dir: str
     first_task: int = 0
+
+
+def parent_of(
+    task: int, lineage: Lineage | None, versions: dict[int, str], work_dir: str
+) -> tuple[str | None, Lineage | None]:
+    """The version task ``task``'s version extends ('' for a run's first task; None when the
+    previous task's version is unknown, e.g. its registration failed) and the compare-and-set
+    guard: every version with a parent must be that parent's only child (a learn's first task
+    also checks that ``latest`` did not move)."""
+    first = lineage.first_task if lineage is not None else 0
+    if task == first:
+        parent = lineage.parent if lineage is not None else ""
+        return parent, lineage if parent else None
+    parent = versions.get(task - 1)
+    return parent, Lineage(parent, False, work_dir, task) if parent else None
 
 
 def lock_dir() -> Path:
@@ -90,7 +104,7 @@ def hold_registered_model(
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                holder = _read(fd)
+                holder = read_holder(fd)
                 who = (
                     f"{holder.get('command')} (pid {holder.get('pid')} on {holder.get('host')})"
                     if holder
@@ -110,31 +124,13 @@ def hold_registered_model(
                     )
                     reported = waited
                 time.sleep(0.5)
-        record = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "command": command,
-            "started": time.time(),
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        write_holder(fd, command)
         try:
             yield
         finally:
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)
-
-
-def _read(fd: int) -> dict[str, Any]:
-    for _ in range(10):
-        raw = os.pread(fd, 65536, 0)
-        try:
-            info = json.loads(raw)
-            return info if isinstance(info, dict) else {}
-        except ValueError:
-            time.sleep(0.05)
-    return {}
 
 
 def versions_of(client: Any, name: str) -> list[Any]:

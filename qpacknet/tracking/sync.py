@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -28,8 +29,9 @@ from qpacknet.errors import UsageError
 from qpacknet.layout import CHECKPOINT_FILE, RESULTS_FILE
 from qpacknet.tracking import record, writer
 from qpacknet.tracking.client import SafeTracking
-from qpacknet.tracking.registry import Lineage, RegistryConflict
+from qpacknet.tracking.registry import Lineage, RegistryConflict, parent_of
 
+log = logging.getLogger("qpacknet.tracking")
 SYNC_COMMAND = "qpacknet run (recorded afterwards by qpacknet sync)"
 LEARN_COMMAND = "qpacknet learn (recorded afterwards by qpacknet sync)"
 
@@ -123,8 +125,11 @@ class RecordSync:
         n = len(self.tasks) if upto is None else min(upto, len(self.tasks))
         existing = self._children(exp, run_id, "qpacknet.task")
         by_id = {r.info.run_id: r for r in self._found}
-        recorded = _int_keys(known.get("task_runs"))
-        versions = {**_int_keys(known.get("model_versions")), **self._versions(run_id)}
+        recorded = int_keys(known.get("task_runs"), "task_runs")
+        versions = {
+            **int_keys(known.get("model_versions"), "model_versions"),
+            **self._versions(run_id),
+        }
         for t in range(first, n):  # a learn's run records only the tasks it learned
             if self.safe.broken:
                 break
@@ -134,11 +139,10 @@ class RecordSync:
                 break
             out.task_runs[t] = task_run
             if self.cfg.register_models:
-                if t == first:
-                    parent: str | None = lineage.parent if lineage is not None else ""
-                else:
-                    parent = out.versions.get(t - 1) or versions.get(t - 1)
-                version = versions.get(t) or self._version(t, task_run, parent, lineage, exp, out)
+                parent, guard = parent_of(
+                    t, lineage, {**versions, **out.versions}, str(self.out_dir)
+                )
+                version = versions.get(t) or self._version(t, task_run, parent, guard, exp, out)
                 if version is not None:
                     out.versions[t] = version
             self.safe.call(
@@ -172,20 +176,12 @@ class RecordSync:
         )
 
     def _parent(self, exp: str, known: str | None, out: SyncReport, first: int) -> str | None:
-        from mlflow.exceptions import MlflowException
-
         if known:
-            try:
-                self.client.get_run(known)
+            if self.safe.lookup("reading the run", self.client.get_run, known) is not None:
                 return known
-            except MlflowException as exc:
-                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    self.safe.call("reading the run", writer._raise, exc)
-                    return None
-                # that store lost it (or it is another store): look it up by its tags
-            except Exception as exc:
-                self.safe.call("reading the run", writer._raise, exc)
+            if self.safe.broken:  # reported once by lookup; sync_run_dir then exits 2
                 return None
+            # else that store lost it (or it is another store): look it up by its tags
         where = str(self.out_dir.resolve()).replace("'", "\\'")
         found = self.safe.call(
             "looking up the run",
@@ -300,23 +296,16 @@ class RecordSync:
     # ------------------------------------------------------------ the versions
     def _versions(self, run_id: str) -> dict[int, str]:
         """Versions this run registered already: task index → version."""
-        from mlflow.exceptions import MlflowException
-
         from qpacknet.tracking.registry import versions_of
         from qpacknet.tracking.tracker import registered_name
 
         self.model_name = registered_name(self.cfg, self.scenario)
-        try:
-            found = versions_of(self.client, self.model_name)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":  # else: not registered yet
-                self.safe.call("looking up model versions", writer._raise, exc)
-            return {}
-        except Exception as exc:
-            self.safe.call("looking up model versions", writer._raise, exc)
-            return {}
+        # None: not registered yet, or a failure lookup reported (then sync stops, exit 2)
+        found = self.safe.lookup(
+            "looking up model versions", versions_of, self.client, self.model_name
+        )
         out = {}
-        for v in found:
+        for v in found or []:
             tags = v.tags or {}
             if tags.get("qpacknet.run_id") == run_id and tags.get("qpacknet.tasks"):
                 out[int(tags["qpacknet.tasks"]) - 1] = str(v.version)
@@ -327,14 +316,17 @@ class RecordSync:
         t: int,
         task_run: str,
         parent: str | None,
-        lineage: Lineage | None,
+        guard: Lineage | None,
         exp: str,
         out: SyncReport,
     ) -> str | None:
-        if parent is None or not writer.ensure_registered_model(
-            self.safe, self.model_name, self.scenario
-        ):
+        if parent is None:  # task t-1 was not registered (a conflict, said above)
+            out.conflicts.append(
+                f"task {t + 1} is not registered: task {t}'s version, its parent, is missing"
+            )
             return None
+        if not writer.ensure_registered_model(self.safe, self.model_name, self.scenario):
+            return None  # a failure ensure_registered_model reported; sync then exits 2
         from qpacknet.model import PackedModel
 
         tmp = Path(tempfile.mkdtemp(prefix="qpacknet-sync-"))
@@ -345,11 +337,6 @@ class RecordSync:
             if logged is None:
                 return None
             acc, _ = record.acc_bwt(self.matrix, t)
-            guard = None
-            if parent and lineage is not None and t == lineage.first_task:
-                guard = lineage
-            elif parent:  # every version with a parent must be that parent's only child
-                guard = Lineage(parent, False, str(self.out_dir), t)
             tags = record.version_tags(
                 t, parent, self.run_id, self.run_name, self.scenario, self.preset,
                 acc,
@@ -369,11 +356,13 @@ class RecordSync:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _int_keys(mapping: Any) -> dict[int, str]:
-    """``{"0": "…"}`` from ``mlflow.json`` as ``{0: "…"}`` (nothing when it is damaged)."""
+def int_keys(mapping: Any, what: str) -> dict[int, str]:
+    """``{"0": "…"}`` from ``mlflow.json`` as ``{0: "…"}``. A damaged entry is said and
+    read as empty: the runs and versions it listed are then found by their tags."""
     try:
         return {int(k): str(v) for k, v in (mapping or {}).items()}
     except (TypeError, ValueError, AttributeError):
+        log.warning("mlflow.json: %s is damaged (%r); finding them by their tags", what, mapping)
         return {}
 
 
@@ -434,7 +423,7 @@ def sync_run_dir(out_dir: Path, uri: str | None) -> SyncReport:
         )
     tracker.run_id, tracker.model_name = report.run_id, sync.model_name
     tracker.task_runs, tracker.versions = report.task_runs, report.versions
-    tracker.run_name, tracker.lineage = sync.run_name, sync.lineage
+    tracker.run_name = sync.run_name
     tracker._save_state()
     report.seconds = time.monotonic() - started
     return report

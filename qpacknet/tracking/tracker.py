@@ -10,7 +10,6 @@ committed task runs on a background thread while the next task trains.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from qpacknet.observers import RunObserver, RunStarted, TaskCommitted
 from qpacknet.tracking import record, writer
 from qpacknet.tracking.candidates import CandidateRuns
 from qpacknet.tracking.client import Background, SafeTracking
-from qpacknet.tracking.registry import Lineage, RegistryConflict
+from qpacknet.tracking.registry import Lineage, RegistryConflict, parent_of
 
 log = logging.getLogger("qpacknet.tracking")
 STATE_FILE = "mlflow.json"
@@ -176,7 +175,6 @@ class MlflowTracker(RunObserver):
                 "model_versions": {str(k): v for k, v in dict(self.versions).items()},
                 "registered_model": self.model_name,
                 "run_name": self.run_name,
-                "lineage": dataclasses.asdict(self.lineage) if self.lineage else None,
             },
         )
 
@@ -193,11 +191,10 @@ class MlflowTracker(RunObserver):
         if saved and saved.get("run_id"):
             self.run_id = saved["run_id"]
             self.run_name = saved.get("run_name", "")
-            try:
-                runs = {int(k): str(v) for k, v in saved.get("task_runs", {}).items()}
-                versions = {int(k): str(v) for k, v in saved.get("model_versions", {}).items()}
-            except (TypeError, ValueError, AttributeError):
-                runs, versions = {}, {}  # a damaged mlflow.json: sync finds them by their tags
+            from qpacknet.tracking.sync import int_keys
+
+            runs = int_keys(saved.get("task_runs"), "task_runs")
+            versions = int_keys(saved.get("model_versions"), "model_versions")
             for t, run_id in sorted(runs.items()):
                 if t >= event.first:  # an attempt the crash interrupted; learned again below
                     self.safe.call("closing an interrupted task run", client.set_terminated,
@@ -310,7 +307,7 @@ class MlflowTracker(RunObserver):
         try:
             self._snapshot_and_log(event, run_id)
         except Exception as exc:  # e.g. a full disk: tracking stops, training goes on
-            self.safe.call("copying the committed model for logging", _raise, exc)
+            self.safe.fail("copying the committed model for logging", exc)
 
     def _snapshot_and_log(self, event: TaskCommitted, run_id: str) -> None:
         snapshot = Path(tempfile.mkdtemp(prefix="qpacknet-mlflow-"))
@@ -359,7 +356,7 @@ class MlflowTracker(RunObserver):
         )
         if logged is None:
             return
-        parent, guard = self._parent(task)
+        parent, guard = parent_of(task, self.lineage, self.versions, str(self.out_dir))
         if parent is None:
             log.error(
                 "task %d was not registered: the version of task %d is not known (its "
@@ -385,22 +382,6 @@ class MlflowTracker(RunObserver):
             return
         if version is not None:
             self.versions[task] = version
-
-    def _parent(self, task: int) -> tuple[str | None, Lineage | None]:
-        """The version task ``task``'s version extends ('' for a run's first task, None if
-        unknown) and the compare-and-set guard: every version with a parent must be that
-        parent's only child (a learn's first task also checks that ``latest`` did not move)."""
-        lineage = self.lineage
-        first = lineage.first_task if lineage is not None else 0
-        if task == first:
-            parent = lineage.parent if lineage is not None else ""
-        else:
-            parent = self.versions.get(task - 1)
-        if not parent:
-            return parent, None
-        if lineage is not None and task == first:
-            return parent, lineage
-        return parent, Lineage(parent, False, str(self.out_dir), task)
 
     # ---------------------------------------------------------------- run end
     def run_finished(self, results: dict[str, Any]) -> None:
@@ -450,22 +431,30 @@ class MlflowTracker(RunObserver):
         return "\n".join(lines)
 
 
-def _raise(exc: BaseException) -> None:
-    raise exc
-
-
 def learned_lineage(out_dir: Path) -> Lineage | None:
     """Where a ``qpacknet learn`` work dir attaches (its checkpoint's ``learned_from``), so
     that a resumed learn still registers its task as the child of the version it extends."""
     try:
-        learned = json.loads((out_dir / CHECKPOINT_FILE).read_text()).get("learned_from")
-        if learned and learned.get("version"):
-            return Lineage(
-                str(learned["version"]),
-                bool(learned.get("from_latest")),
-                str(out_dir),
-                int(learned["tasks"]),
-            )
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        pass
-    return None
+        state = json.loads((out_dir / CHECKPOINT_FILE).read_text())
+    except (OSError, ValueError):
+        return None  # no checkpoint yet (a new run); a damaged one the pipeline refuses
+    learned = state.get("learned_from") if isinstance(state, dict) else None
+    if not learned:
+        return None  # not a learn's work dir
+    try:
+        if not learned.get("version"):
+            return None  # learned from runs:/…, which names no version to be the parent
+        return Lineage(
+            str(learned["version"]),
+            bool(learned.get("from_latest")),
+            str(out_dir),
+            int(learned["tasks"]),
+        )
+    except (AttributeError, KeyError, TypeError, ValueError):
+        log.warning(
+            "%s: learned_from is damaged (%r); this learn's version is registered without "
+            "the parent check",
+            out_dir / CHECKPOINT_FILE,
+            learned,
+        )
+        return None

@@ -197,7 +197,7 @@ def log_model(
     try:
         save_packed_model(model_dir, snapshot, input_shape, mlflow_model=meta)
     except Exception as exc:
-        safe.call("saving the pyfunc model", _raise, exc)
+        safe.fail("saving the pyfunc model", exc)
         return None
     safe.call("uploading the model", client.log_model_artifacts, logged.model_id, str(model_dir))
     for linked in (run_id, parent_run_id):  # the task's run and the whole run list it
@@ -266,10 +266,6 @@ def end_run(
     safe.call("closing the run", client.set_terminated, run_id, "FINISHED")
 
 
-def _raise(exc: BaseException) -> None:
-    raise exc
-
-
 def register_version(
     safe: SafeTracking,
     name: str,
@@ -321,22 +317,16 @@ def _checked(safe: SafeTracking, check: Any, *args: Any) -> None:
     except RegistryConflict:
         raise
     except Exception as exc:
-        safe.call("checking the registry", _raise, exc)
+        safe.fail("checking the registry", exc)
 
 
 def ensure_registered_model(safe: SafeTracking, name: str, scenario: str) -> bool:
     """The registered model exists (created with its description when it did not)."""
     from mlflow.exceptions import MlflowException
 
-    if safe.broken:
-        return False
     client = safe.client
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException:
-        model = None
-    except Exception as exc:
-        safe.call("looking up the registered model", _raise, exc)
+    model = safe.lookup("looking up the registered model", client.get_registered_model, name)
+    if safe.broken:
         return False
     note = record.model_note(name, scenario)
     if model is None:
@@ -346,9 +336,9 @@ def ensure_registered_model(safe: SafeTracking, name: str, scenario: str) -> boo
             )
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # else: another run created it
-                safe.call("creating the registered model", _raise, exc)
+                safe.fail("creating the registered model", exc)
         except Exception as exc:
-            safe.call("creating the registered model", _raise, exc)
+            safe.fail("creating the registered model", exc)
         return not safe.broken
     if not model.description:
         safe.call("describing the model", client.update_registered_model, name, note)
