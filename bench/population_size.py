@@ -34,6 +34,8 @@ def one_run(args: argparse.Namespace, size: int, seed: int, out: Path) -> dict[s
         "--seed", str(seed), "--executor", args.executor, "--no-tracking", "--quiet",
         "--out", str(out),
     ]  # fmt: skip
+    for item in args.set:
+        cmd += ["--set", item]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     started = time.monotonic()
@@ -50,6 +52,10 @@ def one_run(args: argparse.Namespace, size: int, seed: int, out: Path) -> dict[s
         "capacity_pct": res["capacity_pct"],
         "sparsity": statistics.mean(w["sparsity"] for w in winners),
         "bits": statistics.mean(t["bit_width"] for t in res["tasks"]),
+        "winner_val_acc": statistics.mean(w["acc"] for w in winners),
+        "best_val_acc": statistics.mean(
+            max(c["acc"] for c in t["candidates"]) for t in res["tasks"]
+        ),
         "seconds": time.monotonic() - started,
     }
 
@@ -70,7 +76,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--tasks", type=int, default=10)
     ap.add_argument("--executor", choices=["local", "ray"], default="local")
-    ap.add_argument("--json", help="write every run's figures here")
+    ap.add_argument("--json", help="write every run's figures here (after each run)")
+    ap.add_argument("--set", action="append", default=[], help="more overrides, e.g. threads=1")
     args = ap.parse_args()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,6 +91,10 @@ def main() -> int:
                     f" bits {row['bits']:.1f} {row['seconds']:.0f}s",
                     flush=True,
                 )
+                if args.json:
+                    Path(args.json).write_text(
+                        json.dumps({"args": vars(args), "runs": rows}, indent=2) + "\n"
+                    )
     print()
     print(f"{args.preset}, {args.tasks} tasks, seeds {args.seeds}: mean [min-max] over seeds")
     print("  P_S   test ACC %        val ACC %         capacity %        sparsity Υ"
