@@ -44,6 +44,14 @@ def row(label: str, res: dict[str, Any]) -> str:
     )
 
 
+def _widths(task: dict[str, Any]) -> str:
+    """``7``, or ``fc0 4/fc1 6`` for a task with per-layer widths."""
+    widths = task.get("bit_widths") or {}
+    if len(set(widths.values())) > 1:
+        return "/".join(f"{name} {w}" for name, w in widths.items())
+    return str(task["bit_width"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="pmnist")
@@ -100,7 +108,7 @@ def main() -> None:
     for label, res in results:
         tp = res["throughput"]
         print(
-            f"{label.strip()}: bits per task {[t['bit_width'] for t in res['tasks']]}; "
+            f"{label.strip()}: bits per task {[_widths(t) for t in res['tasks']]}; "
             f"{tp['candidate_epochs_per_second']:.2f} candidate-epochs/s; "
             f"{100 * tp['non_training_fraction']:.1f}% of wall time outside SEARCH+TRAIN "
             "(stages: "
@@ -115,6 +123,7 @@ def main() -> None:
             "label": label.strip(),
             **{k: res[k] for k in keys},
             "bits": [t["bit_width"] for t in res["tasks"]],
+            "bit_widths": [t.get("bit_widths") for t in res["tasks"]],
         }
 
     summary = {

@@ -102,7 +102,7 @@ def truncate(store: PackedStore, num_tasks: int) -> PackedStore:
             store.mask(t),
             store.codes(t),
             store.codebooks(t),
-            store.bit_width(t),
+            store.bit_widths(t),
             store.task_state(t),
             store.shared(t),
         )

@@ -205,6 +205,23 @@ class QuantizeConfig(_Strict):
         "float network's",
     )
     kmeans_iters: int = Field(50, ge=1)
+    per_layer: bool = Field(
+        False,
+        description="per-layer bit widths (the paper's future 'hybrid quantisation'): after "
+        "Algorithm 3's one width, lower each layer's own width (most owned weights first) "
+        "while the criterion still accepts",
+    )
+    finetune_epochs: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="codebook fine-tuning (Deep Compression §3): epochs of the task's training "
+        "data that train each width's centroids (every weight keeps its code) before the "
+        "criterion judges it; 0: off (the paper)",
+    )
+    finetune_lr: float = Field(
+        1e-4, gt=0.0, le=1.0, description="Adam learning rate of codebook fine-tuning"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> QuantizeConfig:

@@ -13,7 +13,9 @@ emits, checkpoints and MLflow live elsewhere and call these functions.
 2. TRAIN: :func:`train_winner` continues the winner ``E_full`` epochs with the cosine schedule
    and keeps its best validation epoch; that accuracy is Algorithm 3's ``Q``.
 3. QUANTIZE (Algorithms 2-3): :func:`quantize_winner` tries ψ = ψ_min … b_max, each a 1-D
-   k-means codebook per layer (Algorithm 2), and keeps the first width the criterion accepts.
+   k-means codebook per layer (Algorithm 2), and keeps the first width the criterion accepts;
+   optionally each width's codebooks are fine-tuned first and each layer then gets its own
+   width (issue 13: ``quantize.finetune_epochs``, ``quantize.per_layer``).
 4. COMMIT: :func:`commit` writes the codes into the next free bits of the words and proves,
    by digest, that the words hold exactly what QUANTIZE produced.
 """
@@ -27,10 +29,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qpacknet.codebook_tuning import tune_codebooks
 from qpacknet.config import RunConfig
 from qpacknet.errors import CommitRefused
 from qpacknet.nets import PopulationNet
-from qpacknet.quantize import Criterion, QuantResult, ValFigures, bit_width_steps, val_figures
+from qpacknet.quantize import (
+    Codebook,
+    Criterion,
+    QuantResult,
+    ValFigures,
+    Widths,
+    bit_width_steps,
+    describe_widths,
+    val_figures,
+)
 from qpacknet.scenarios.base import Split
 from qpacknet.search import (
     CandidateResult,
@@ -169,8 +181,10 @@ class QuantizedTask:
     """Everything COMMIT writes into the store, plus the bit-width search's report.
 
     ``within_delta``: ``criterion`` accepted ``bit_width`` (False: no width was accepted and
-    ``b_max`` was used). ``tried`` holds ``(bits, val acc, val loss, agreement)`` per width
-    tried; ``float_*``, ``quant_*`` and ``agreement`` are the float network's and the chosen
+    ``b_max`` was used). ``layer_bits`` is the width per layer (``bit_width``, the widest, for
+    every layer unless ``quantize.per_layer`` lowered some). ``tried`` holds ``(widest bits,
+    val acc, val loss, agreement)`` per assignment tried and ``tried_widths`` its per-layer
+    widths; ``float_*``, ``quant_*`` and ``agreement`` are the float network's and the chosen
     width's validation figures. ``float_test_acc`` is the float network's test accuracy, for
     reports only. None of these is part of the digest (``parts_digest``): COMMIT checks what it
     writes, not what was measured.
@@ -193,11 +207,19 @@ class QuantizedTask:
     quant_loss: float = math.nan
     agreement: float = math.nan
     float_test_acc: float = math.nan
+    layer_bits: dict[str, int] = field(default_factory=dict)
+    tried_widths: list[dict[str, int]] = field(default_factory=list)
+    finetune_epochs: int = 0
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """The width per layer COMMIT writes."""
+        return dict(self.layer_bits) or dict.fromkeys(self.masks, self.bit_width)
 
     def parts_digest(self) -> str:
         """The digest of what this result asks COMMIT to write (recomputed, not ``digest``)."""
         return task_digest(
-            self.bit_width, self.masks, self.codes, self.codebooks, self.task_state, self.shared
+            self.widths, self.masks, self.codes, self.codebooks, self.task_state, self.shared
         )
 
 
@@ -208,36 +230,67 @@ def quantize_winner(
     cfg: RunConfig,
     candidate: int,
     q_float: float,
-) -> Generator[tuple[int, ValFigures, str], None, QuantizedTask]:
+    train: Split | None = None,
+    task: int = 0,
+) -> Generator[tuple[str, ValFigures, str], None, QuantizedTask]:
     """Algorithm 3 on the trained winner ``single``: for ψ = ψ_min … b_max quantise every
     layer's owned weights to a ``2^ψ``-centroid k-means codebook (Algorithm 2), load them into
     ``probe`` (a K=1 net with the winner's shared weights) and measure the validation figures;
     the first ψ that ``quantize.criterion`` accepts against the float network's (whose accuracy
-    is ``q_float``, TRAIN's ``Q``) is ``b_t``, else ``b_max``. Yields ``(ψ, figures, what the
-    criterion saw)`` per width; returns the parts COMMIT writes for winner ``candidate``, with
-    their digest."""
+    is ``q_float``, TRAIN's ``Q``) is ``b_t``, else ``b_max``. With ``quantize.finetune_epochs``
+    each width's codebooks are first fine-tuned on ``train``
+    (:mod:`qpacknet.codebook_tuning`); with ``quantize.per_layer`` each layer's width is then
+    lowered on its own (:func:`~qpacknet.quantize.bit_width_steps`). Yields ``(widths, figures,
+    what the criterion saw)`` per assignment; returns the parts COMMIT writes for winner
+    ``candidate``, with their digest. Only validation figures choose; ``train`` only trains."""
     weights, masks, state = single.candidate(0)
     batch = cfg.train.eval_batch_size
     logits = logits_of(single, val, batch)[0]
     float_pred = logits.argmax(-1)
     reference = dataclasses.replace(val_figures(logits, val.y, float_pred), acc=q_float)
+    q = cfg.quantize
 
     def figures(dense: Masks) -> ValFigures:
         probe.load_candidate(0, dense, masks, state)
         return val_figures(logits_of(probe, val, batch)[0], val.y, float_pred)
 
-    q = cfg.quantize
+    def tune(books: dict[str, Codebook]) -> dict[str, Codebook]:
+        assert train is not None
+        return tune_codebooks(
+            probe,
+            books,
+            masks,
+            state,
+            train,
+            epochs=q.finetune_epochs,
+            lr=q.finetune_lr,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.seed,
+            task=task,
+        )
+
+    if q.finetune_epochs and train is None:
+        raise ValueError("codebook fine-tuning (quantize.finetune_epochs) needs the train split")
     criterion = Criterion(q.criterion, q.delta, q.loss_tolerance, q.min_agreement)
     steps = bit_width_steps(
-        weights, masks, figures, reference, q.psi_min, q.b_max, criterion, q.kmeans_iters
+        weights,
+        masks,
+        figures,
+        reference,
+        q.psi_min,
+        q.b_max,
+        criterion,
+        q.kmeans_iters,
+        per_layer=q.per_layer,
+        tune=tune if q.finetune_epochs else None,
     )
     while True:
         try:
-            bits, fig = next(steps)
+            widths, fig = next(steps)
         except StopIteration as stop:
             res: QuantResult = stop.value
             break
-        yield bits, fig, criterion.describe(reference, fig)
+        yield describe_widths(widths), fig, criterion.describe(reference, fig)
     shared = single.shared_mask(0)
     result = QuantizedTask(
         candidate=candidate,
@@ -250,6 +303,9 @@ def quantize_winner(
         quant_acc=res.quant_acc,
         within_delta=res.within_delta,
         tried=[(b, f.acc, f.loss, f.agreement) for b, f in res.tried],
+        tried_widths=res.tried_widths,
+        layer_bits=_layer_bits(res.widths),
+        finetune_epochs=q.finetune_epochs,
         shared=None if shared is None else {k: v.cpu() for k, v in shared.items()},
         criterion=q.criterion,
         float_loss=res.reference.loss,
@@ -257,6 +313,11 @@ def quantize_winner(
         agreement=res.quant.agreement,
     )
     return dataclasses.replace(result, digest=result.parts_digest())
+
+
+def _layer_bits(widths: Widths) -> dict[str, int]:
+    """Per-layer widths worth recording: empty when every layer has the same width."""
+    return dict(widths) if len(set(widths.values())) > 1 else {}
 
 
 # --- 4. COMMIT ---------------------------------------------------------------------------------
@@ -277,7 +338,7 @@ def commit(store: PackedStore, q: QuantizedTask, what: str, unchanged: str) -> i
             f"Nothing was committed and {unchanged} is unchanged; resume the run "
             "(same command) to learn this task again"
         )
-    task_id = store.commit(q.masks, q.codes, q.codebooks, q.bit_width, q.task_state, q.shared)
+    task_id = store.commit(q.masks, q.codes, q.codebooks, q.widths, q.task_state, q.shared)
     stored = store.parts(task_id).digest()
     if stored != q.digest:
         raise CommitRefused(

@@ -49,6 +49,7 @@ from qpacknet.metrics import AccuracyMatrix, InferenceFigures, TaskInference
 from qpacknet.nets import build
 from qpacknet.observers import RunObserver, RunStarted, TaskCommitted
 from qpacknet.progress import Progress
+from qpacknet.quantize import describe_widths
 from qpacknet.scenarios.base import TaskStream
 from qpacknet.search import CandidateResult
 from qpacknet.stages import Stage, TaskStages
@@ -78,7 +79,9 @@ def hardware(device: str) -> dict[str, Any]:
 def _quantize_summary(q: QuantizedTask) -> str:
     """QUANTIZE's progress line: the width, the validation figures it was judged on, and the
     drop when no width met the criterion (Algorithm 3 then falls back to ``b_max``)."""
-    text = f"{q.bit_width} bits, val acc {q.float_acc:.2f} -> {q.quant_acc:.2f}"
+    text = f"{describe_widths(q.widths)} bits, val acc {q.float_acc:.2f} -> {q.quant_acc:.2f}"
+    if q.finetune_epochs:
+        text += f" (codebooks fine-tuned {q.finetune_epochs} epoch(s))"
     if q.criterion == "loss":
         text += f", val loss {q.float_loss:.4f} -> {q.quant_loss:.4f}"
     elif q.criterion == "agreement":
@@ -88,6 +91,19 @@ def _quantize_summary(q: QuantizedTask) -> str:
             f" (no width met the {q.criterion} criterion: acc drop {q.float_acc - q.quant_acc:.2f})"
         )
     return text
+
+
+def _bits_tried(q: QuantizedTask) -> list[dict[str, Any]]:
+    """Every assignment QUANTIZE judged; a per-layer one (``quantize.per_layer``) also lists
+    its ``widths``."""
+    rows: list[dict[str, Any]] = []
+    widths = q.tried_widths or [{} for _ in q.tried]
+    for (b, a, loss, agree), w in zip(q.tried, widths, strict=True):
+        row: dict[str, Any] = {"bits": b, "acc": a, "loss": loss, "agreement": agree}
+        if len(set(w.values())) > 1:
+            row["widths"] = dict(w)
+        rows.append(row)
+    return rows
 
 
 @dataclass
@@ -589,9 +605,10 @@ class Pipeline:
 
     def _check_quantized(self, q: QuantizedTask, winner: int) -> None:
         qc = self.config.quantize
-        if q.candidate != winner or not qc.psi_min <= q.bit_width <= qc.b_max:
+        widths = q.widths.values()
+        if q.candidate != winner or not all(qc.psi_min <= w <= qc.b_max for w in widths):
             raise RuntimeError(
-                f"QUANTIZE returned candidate {q.candidate} at {q.bit_width} "
+                f"QUANTIZE returned candidate {q.candidate} at {describe_widths(q.widths)} "
                 f"bits for winner {winner}"
             )
 
@@ -617,6 +634,7 @@ class Pipeline:
                 "network": self.store.network_of(t),
                 **self._log.capacity,
                 "bit_width": q.bit_width,
+                "bit_widths": q.widths,
                 "density": self.store.density(t),
                 "shared_pct": cap.shared_pct,
                 "candidates": [
@@ -640,10 +658,7 @@ class Pipeline:
                 "agreement": q.agreement,
                 "criterion": q.criterion,
                 "within_delta": q.within_delta,
-                "bits_tried": [
-                    {"bits": b, "acc": a, "loss": loss, "agreement": agree}
-                    for b, a, loss, agree in q.tried
-                ],
+                "bits_tried": _bits_tried(q),
                 "float_test_acc": q.float_test_acc,
                 "quant_test_acc": self.matrix.rows[t][t],
                 "capacity_pct": cap.pct,

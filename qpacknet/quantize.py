@@ -9,7 +9,7 @@ tensor's device and needs no scikit-learn call per layer and bit-width.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -154,10 +154,22 @@ class Criterion:
         return f"agreement {quant.agreement:.2f}%, min {self.min_agreement:.2f}"
 
 
+Widths = dict[str, int]
+"""A component width per prunable layer."""
+
+Tune = Callable[[dict[str, Codebook]], dict[str, Codebook]]
+"""Codebook fine-tuning hook: k-means codebooks in, tuned codebooks (the same codes) out."""
+
+
 @dataclass(frozen=True)
 class QuantResult:
     """Outcome of the bit-width search for one task: the float network's and the chosen
-    width's figures, whether the criterion held there, and every width tried."""
+    widths' figures, whether the criterion held there, and every assignment tried.
+
+    ``bits`` is the widest chosen layer width (Algorithm 3's ``b_t`` when every layer has the
+    same); ``widths`` the width per layer. ``tried`` lists ``(widest width, figures)`` per
+    trial and ``tried_widths`` the matching per-layer widths.
+    """
 
     bits: int
     reference: ValFigures
@@ -165,6 +177,8 @@ class QuantResult:
     within_delta: bool
     tried: list[tuple[int, ValFigures]]
     codebooks: dict[str, Codebook]
+    widths: Widths = field(default_factory=dict)
+    tried_widths: list[Widths] = field(default_factory=list)
 
     @property
     def float_acc(self) -> float:
@@ -184,13 +198,28 @@ def search_bit_width(
     b_max: int,
     criterion: Criterion,
     iters: int = 50,
+    *,
+    per_layer: bool = False,
+    tune: Tune | None = None,
 ) -> QuantResult:
     """Algorithm 3: the smallest ψ in ``psi_min..b_max`` whose quantised model ``criterion``
-    accepts against the float model's ``reference``; ``b_max`` if none is accepted.
+    accepts against the float model's ``reference``; ``b_max`` if none is accepted (with
+    ``per_layer``, then each layer's own width lowered, :func:`bit_width_steps`).
 
     ``evaluate`` maps dense quantised weights (0 off-mask) to their validation figures.
     """
-    steps = bit_width_steps(weights, masks, evaluate, reference, psi_min, b_max, criterion, iters)
+    steps = bit_width_steps(
+        weights,
+        masks,
+        evaluate,
+        reference,
+        psi_min,
+        b_max,
+        criterion,
+        iters,
+        per_layer=per_layer,
+        tune=tune,
+    )
     while True:
         try:
             next(steps)
@@ -207,22 +236,89 @@ def bit_width_steps(
     b_max: int,
     criterion: Criterion,
     iters: int = 50,
-) -> Generator[tuple[int, ValFigures], None, QuantResult]:
-    """:func:`search_bit_width` yielding ``(ψ, validation figures)`` as each width is tried,
-    so that a worker can report progress while QUANTIZE runs (Algorithm 2 per layer: k-means
-    with ``2**ψ`` centroids over the task's own weights)."""
+    *,
+    per_layer: bool = False,
+    tune: Tune | None = None,
+) -> Generator[tuple[Widths, ValFigures], None, QuantResult]:
+    """:func:`search_bit_width` yielding ``(widths, validation figures)`` as each assignment is
+    tried, so that a worker can report progress while QUANTIZE runs.
+
+    1. Algorithm 3: ψ = ψ_min … b_max for every layer at once, each layer a k-means codebook
+       of ``2**ψ`` centroids over the task's own weights (Algorithm 2), until ``criterion``
+       accepts.
+    2. With ``per_layer`` (hybrid quantisation, issue 13) and an accepted ψ: layers in order of
+       most owned weights (most bits saved per bit), each one's width is lowered by one while
+       the criterion still accepts the whole network with the others at their chosen widths.
+       Every kept assignment passed the same test as Algorithm 3's, so the accuracy bound
+       ``δ`` (and the loss or agreement test) holds for the result.
+
+    With ``tune`` (codebook fine-tuning), every assignment's k-means codebooks are tuned
+    before they are judged, so that narrower widths can pass. k-means is deterministic, so a
+    layer's codebook at a width is computed once and reused by later trials.
+    """
     tried: list[tuple[int, ValFigures]] = []
-    last: tuple[int, ValFigures, dict[str, Codebook]] | None = None
-    for psi in range(psi_min, b_max + 1):
-        books = {n: kmeans_1d(w[masks[n]], psi, iters) for n, w in weights.items()}
+    tried_widths: list[Widths] = []
+    kmeans: dict[tuple[str, int], Codebook] = {}
+
+    def trial(widths: Widths) -> tuple[ValFigures, dict[str, Codebook]]:
+        books = {}
+        for name, w in weights.items():
+            key = (name, widths[name])
+            if key not in kmeans:
+                kmeans[key] = kmeans_1d(w[masks[name]], widths[name], iters)
+            books[name] = kmeans[key]
+        if tune is not None:
+            books = tune(books)
         figures = evaluate(dequantize(books, masks, weights))
-        tried.append((psi, figures))
-        last = (psi, figures, books)
-        yield psi, figures
+        tried.append((max(widths.values()), figures))
+        tried_widths.append(dict(widths))
+        return figures, books
+
+    chosen: tuple[Widths, ValFigures, dict[str, Codebook]] | None = None
+    last: tuple[Widths, ValFigures, dict[str, Codebook]] | None = None
+    for psi in range(psi_min, b_max + 1):
+        widths = dict.fromkeys(weights, psi)
+        figures, books = trial(widths)
+        last = (widths, figures, books)
+        yield widths, figures
         if criterion.accepts(reference, figures):
-            return QuantResult(psi, reference, figures, True, tried, books)
-    assert last is not None
-    return QuantResult(last[0], reference, last[1], False, tried, last[2])
+            chosen = last
+            break
+    if chosen is None:
+        assert last is not None
+        return _result(last, reference, False, tried, tried_widths)
+    if per_layer:
+        owned = {name: int(m.sum()) for name, m in masks.items()}
+        for name in sorted(weights, key=lambda n: (-owned[n], n)):
+            while chosen[0][name] > psi_min:
+                widths = {**chosen[0], name: chosen[0][name] - 1}
+                figures, books = trial(widths)
+                yield widths, figures
+                if not criterion.accepts(reference, figures):
+                    break
+                chosen = (widths, figures, books)
+    return _result(chosen, reference, True, tried, tried_widths)
+
+
+def _result(
+    chosen: tuple[Widths, ValFigures, dict[str, Codebook]],
+    reference: ValFigures,
+    within: bool,
+    tried: list[tuple[int, ValFigures]],
+    tried_widths: list[Widths],
+) -> QuantResult:
+    widths, figures, books = chosen
+    return QuantResult(
+        max(widths.values()), reference, figures, within, tried, books, dict(widths), tried_widths
+    )
+
+
+def describe_widths(widths: Widths) -> str:
+    """``4`` for one width, ``fc0 3, fc1 5`` for per-layer widths (progress lines)."""
+    distinct = set(widths.values())
+    if len(distinct) == 1:
+        return str(distinct.pop())
+    return ", ".join(f"{name} {w}" for name, w in widths.items())
 
 
 def dequantize(

@@ -176,8 +176,16 @@ class CandidateWorker:
         self._copy_sharing(self.single, 0, probe)
         batch = self.cfg.train.eval_batch_size
         float_test_acc = evaluate(self.single, test.to(self.device), batch)[0]
+        tuned = ", fine-tuned" if self.cfg.quantize.finetune_epochs else ""
         steps = quantize_winner(
-            self.single, probe, self.val_split, self.cfg, self.single_candidate, self.float_acc
+            self.single,
+            probe,
+            self.val_split,
+            self.cfg,
+            self.single_candidate,
+            self.float_acc,
+            train=self.train_split,
+            task=self.ctx.task,
         )
         while True:
             try:
@@ -188,7 +196,7 @@ class CandidateWorker:
             yield StepDone(
                 "quantize",
                 self.ctx.task,
-                f"{bits}-bit codebooks ({seen}), val acc",
+                f"{bits}-bit codebooks{tuned} ({seen}), val acc",
                 perturbed(fig.acc),
                 time.time(),
                 self.where,

@@ -498,7 +498,7 @@ def test_load_errors_name_the_path(tmp_path: Path) -> None:
     _expect_model_file_error(other, "format")
 
     newer = tmp_path / "newer.safetensors"
-    save_file(tensors, str(newer), metadata={"qpacknet": json.dumps({**header, "version": 4})})
+    save_file(tensors, str(newer), metadata={"qpacknet": json.dumps({**header, "version": 5})})
     _expect_model_file_error(newer, "version")
 
     plain = tmp_path / "plain.safetensors"

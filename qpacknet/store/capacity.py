@@ -12,6 +12,11 @@ bits), so that it compares with the paper's Table 2. The per-task heads and norm
 are not in eq. 10; they are reported beside it as ``heads_pct`` (32 bits per element).
 All bit counts are exact integers: ``d_tl·|θ_l|`` is the task's owned-weight count.
 
+Per-layer bit widths (issue 13, the paper's "hybrid quantisation"): with a width ``b_tl`` per
+layer, eq. 10 is summed layer by layer with that layer's width,
+``CAP_t = Σ_l [d_tl·|θ_l|·b_tl + 2^b_tl·(32 + b_tl) + d_tl·|θ_l|]``, which equals the line above
+when every ``b_tl = b_t``.
+
 Weight sharing (TinySubNets option): a task's shared weights are read from earlier tasks'
 components, so they add nothing to ``CAP_t``; they are reported beside it, per task
 (``shared``, a count, and ``shared_pct`` of the prunable weights) and for the model
@@ -42,6 +47,7 @@ class TaskCapacity:
     shared: int = 0
     shared_pct: float = 0.0
     network: int = 0
+    bit_widths: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,11 +71,11 @@ class CapacityReport:
     networks: list[NetworkCapacity] = field(default_factory=list)
 
 
-def task_bits(owned: list[int], bit_width: int) -> int:
-    """``CAP_t`` in bits from the task's owned-weight count per prunable layer (eq. 10)."""
-    n_owned = sum(owned)
-    codebooks = len(owned) * (1 << bit_width) * (WORD_BITS + bit_width)
-    return n_owned * bit_width + codebooks + n_owned
+def task_bits(owned: list[int], bit_width: int | list[int]) -> int:
+    """``CAP_t`` in bits from the task's owned-weight count per prunable layer (eq. 10), at one
+    width for every layer or a width per layer (in the order of ``owned``)."""
+    widths = bit_width if isinstance(bit_width, list) else [bit_width] * len(owned)
+    return sum(n * b + (1 << b) * (WORD_BITS + b) + n for n, b in zip(owned, widths, strict=True))
 
 
 def capacity(store: PackedStore) -> CapacityReport:
@@ -79,21 +85,22 @@ def capacity(store: PackedStore) -> CapacityReport:
     per_task = []
     head_elements = 0
     for t in range(store.num_tasks):
-        width = store.bit_width(t)
+        widths = store.bit_widths(t)
         masks = store.mask(t)
         owned = [int(masks[spec.name].sum()) for spec in store.layers]
-        bits = task_bits(owned, width)
+        bits = task_bits(owned, [widths[spec.name] for spec in store.layers])
         shared = sum(int(m.sum()) for m in store.shared(t).values())
         per_task.append(
             TaskCapacity(
                 task=t,
-                bit_width=width,
+                bit_width=store.bit_width(t),
                 bits=bits,
                 pct=100.0 * bits / dense_bits,
                 density={s.name: n / s.numel for s, n in zip(store.layers, owned, strict=True)},
                 shared=shared,
                 shared_pct=100.0 * shared / n_weights,
                 network=store.network_of(t),
+                bit_widths=widths,
             )
         )
         head_elements += sum(v.numel() for v in store.task_state(t).values())

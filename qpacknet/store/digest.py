@@ -29,7 +29,9 @@ device, strides and host byte order of the input do not matter. Per kind:
     :meth:`PackedStore.shared` then answers all-False masks, so the store cannot tell the two
     apart and neither does the digest.
 
-Layout: the tag, ``bit_width`` as 8 bytes, then the sections ``mask``, ``codes``, ``codebook``,
+Layout: the tag, ``bit_width`` as 8 bytes (with per-layer widths that differ: 0, then each
+layer's name and width in sorted name order; widths that are all equal hash as that one
+width, as the store cannot tell them apart), then the sections ``mask``, ``codes``, ``codebook``,
 ``state`` and (if present) ``shared``, each as its kind and entry count, followed by its entries in
 sorted key order; an entry is its kind, key, canonical dtype name, ``ndim``, the dims and the byte
 count, all length-prefixed (8-byte little-endian integers), then the bytes. The prefixes make the
@@ -42,6 +44,7 @@ import hashlib
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -121,7 +124,7 @@ def _shares_any(shared: Mapping[str, torch.Tensor]) -> bool:
 
 
 def task_digest(
-    bit_width: int,
+    bit_width: int | Mapping[str, int],
     masks: Mapping[str, torch.Tensor],
     codes: Mapping[str, torch.Tensor],
     codebooks: Mapping[str, torch.Tensor],
@@ -135,10 +138,8 @@ def task_digest(
     :class:`StoreError` for inputs the store would refuse in a way the digest could hide
     (non-bool masks, float codes, non-float32 codebooks, non-string keys).
     """
-    if isinstance(bit_width, bool) or not isinstance(bit_width, int):
-        raise StoreError(f"digest: bit_width must be an int, got {bit_width!r}")
     hasher = hashlib.sha256(DIGEST_TAG)
-    hasher.update(_u64(bit_width))
+    _widths(hasher, bit_width)
     _section(hasher, "mask", masks)
     _section(hasher, "codes", codes)
     _section(hasher, "codebook", codebooks)
@@ -148,13 +149,29 @@ def task_digest(
     return hasher.hexdigest()
 
 
+def _widths(hasher: Any, bit_width: int | Mapping[str, int]) -> None:
+    widths = dict(bit_width) if isinstance(bit_width, Mapping) else {"": bit_width}
+    for width in widths.values():
+        if isinstance(width, bool) or not isinstance(width, int):
+            raise StoreError(f"digest: bit_width must be an int, got {width!r}")
+    distinct = set(widths.values())
+    if len(distinct) <= 1:
+        hasher.update(_u64(distinct.pop() if distinct else 0))
+        return
+    hasher.update(_u64(0))
+    for name in sorted(widths):
+        if not isinstance(name, str):
+            raise StoreError(f"digest: layer names must be strings, got {name!r}")
+        hasher.update(_field(name) + _u64(widths[name]))
+
+
 @dataclass(frozen=True, eq=False)
 class TaskParts:
     """What COMMIT writes for one task (DESIGN.md §2): the arguments of
     :meth:`PackedStore.commit`, or what :meth:`PackedStore.parts` reads back. Compare two by
     :meth:`digest` (tensors have no plain ``==``)."""
 
-    bit_width: int
+    bit_width: int | Mapping[str, int]
     masks: Mapping[str, torch.Tensor]
     codes: Mapping[str, torch.Tensor]
     codebooks: Mapping[str, torch.Tensor]

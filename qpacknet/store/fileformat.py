@@ -12,10 +12,11 @@ Tensors (``{t}`` is the task id, ``{layer}`` a layer name verbatim, dots include
     uint8, ``ceil(|θ_l|/8)`` bytes: the mask flattened row-major, one bit per weight, LSB-first
     (:func:`qpacknet.store.bits.pack_mask`).
 ``task.{t}.codes.{layer}``
-    uint8, ``ceil(n_tl*b_t/8)`` bytes: the ``n_tl`` owned weights' codes in row-major mask order,
-    ``b_t`` bits each, LSB-first (:func:`qpacknet.store.bits.pack_bits`).
+    uint8, ``ceil(n_tl*b_tl/8)`` bytes: the ``n_tl`` owned weights' codes in row-major mask
+    order, ``b_tl`` bits each, LSB-first (:func:`qpacknet.store.bits.pack_bits`); ``b_tl`` is
+    the layer's width (``b_t`` unless the task has per-layer widths).
 ``task.{t}.codebook.{layer}``
-    float32, ``2**b_t`` centroids.
+    float32, ``2**b_tl`` centroids.
 ``task.{t}.state.{name}``
     the task's ``task_state`` tensors as given (head weight and bias, normalisation state).
 ``networks``
@@ -33,8 +34,10 @@ document:
 ``version``
     ``1``; ``2`` when a task shares weights (so a reader that predates sharing refuses the
     file instead of dropping the shared weights); ``3`` when the model has grown to several
-    networks (a reader that predates networks would decode later tasks from the wrong words).
-    This reader reads all three.
+    networks (a reader that predates networks would decode later tasks from the wrong words);
+    ``4`` when a task has per-layer bit widths (a reader that predates them would unpack its
+    codes at the wrong width). In a version-4 file every task names its network. This reader
+    reads all four.
 ``b_max``
     largest component width (the availability rule).
 ``layers``
@@ -44,10 +47,11 @@ document:
 ``tasks``
     list, in task order, of ``{"bit_width": int, "code_counts": {layer: int}, "state": [name,
     ...]}`` (plus ``"shared": true`` for a task that shares weights, and ``"network": k`` in a
-    version-3 file, where every task names it); ``code_counts`` is each layer's mask
-    popcount. Networks are numbered in the order they were opened: the first task is in
-    network 0 and each task is in its predecessor's network or the next one
-    (:meth:`PackedStore.grow`).
+    version-3 or -4 file, where every task names it, and ``"bit_widths": {layer: int}`` in a
+    version-4 file for a task whose layers differ, ``bit_width`` then being the widest);
+    ``code_counts`` is each layer's mask popcount. Networks are numbered in the order they
+    were opened: the first task is in network 0 and each task is in its predecessor's network
+    or the next one (:meth:`PackedStore.grow`).
 ``sha256``
     ``{tensor name: hex digest}`` of every tensor's raw bytes, so that damage inside the tensor
     data (which safetensors itself does not detect) is caught on load.
@@ -87,7 +91,8 @@ FORMAT_NAME = "qpacknet-packed"
 FORMAT_VERSION = 1
 SHARING_VERSION = 2
 NETWORKS_VERSION = 3
-VERSIONS = (FORMAT_VERSION, SHARING_VERSION, NETWORKS_VERSION)
+LAYER_WIDTHS_VERSION = 4
+VERSIONS = (FORMAT_VERSION, SHARING_VERSION, NETWORKS_VERSION, LAYER_WIDTHS_VERSION)
 NETWORKS_TENSOR = "networks"
 METADATA_KEY = "qpacknet"
 
@@ -108,18 +113,21 @@ def _encode(store: PackedStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     """The tensors and header document that describe ``store`` (codes read from its words)."""
     tensors: dict[str, torch.Tensor] = {}
     tasks = []
+    layer_widths = any(len(set(store.bit_widths(t).values())) > 1 for t in range(store.num_tasks))
     for t in range(store.num_tasks):
-        width = store.bit_width(t)
+        widths = store.bit_widths(t)
         masks, codes, books = store.mask(t), store.codes(t), store.codebooks(t)
         state = store.task_state(t)
         for spec in store.layers:
             tensors[_tensor_name(t, "mask", spec.name)] = pack_mask(masks[spec.name])
-            tensors[_tensor_name(t, "codes", spec.name)] = pack_bits(codes[spec.name], width)
+            tensors[_tensor_name(t, "codes", spec.name)] = pack_bits(
+                codes[spec.name], widths[spec.name]
+            )
             tensors[_tensor_name(t, "codebook", spec.name)] = books[spec.name].contiguous()
         for key, value in state.items():
             tensors[_tensor_name(t, "state", key)] = value.contiguous()
         entry: dict[str, Any] = {
-            "bit_width": width,
+            "bit_width": store.bit_width(t),
             "code_counts": {s.name: int(codes[s.name].numel()) for s in store.layers},
             "state": list(state),
         }
@@ -128,18 +136,24 @@ def _encode(store: PackedStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]
             entry["shared"] = True
             for spec in store.layers:
                 tensors[_tensor_name(t, "shared", spec.name)] = pack_mask(shared[spec.name])
-        if store.num_networks > 1:
+        if len(set(widths.values())) > 1:
+            entry["bit_widths"] = widths
+        if store.num_networks > 1 or layer_widths:
             entry["network"] = store.network_of(t)
         tasks.append(entry)
-    if store.num_networks > 1:
+    if store.num_networks > 1 or layer_widths:
         tensors[NETWORKS_TENSOR] = torch.tensor(
             [store.network_of(t) for t in range(store.num_tasks)], dtype=torch.int64
         )
     sharing = any(entry.get("shared") for entry in tasks)
     version = SHARING_VERSION if sharing else FORMAT_VERSION
+    if store.num_networks > 1:
+        version = NETWORKS_VERSION
+    if layer_widths:
+        version = LAYER_WIDTHS_VERSION
     header = {
         "format": FORMAT_NAME,
-        "version": NETWORKS_VERSION if store.num_networks > 1 else version,
+        "version": version,
         "b_max": store.b_max,
         "layers": [{"name": s.name, "shape": list(s.shape)} for s in store.layers],
         "meta": store.meta,
@@ -270,23 +284,46 @@ def _check_tasks(path: Path, header: dict[str, Any], store: PackedStore) -> list
             and entry.get("shared", False) in (True, False)
             and not (entry.get("shared") and header.get("version") == FORMAT_VERSION)
             and _network_ok(entry, tasks[t - 1] if t else None, header.get("version"))
+            and _widths_ok(entry, names, header.get("version"))
         )
         if not ok:
             raise _fail(path, f"header entry of task {t} is malformed", _DAMAGED_FIX)
-        if not 1 <= entry["bit_width"] <= store.b_max:
-            raise _fail(
-                path, f"task {t} has bit width {entry['bit_width']} outside 1..b_max", _DAMAGED_FIX
-            )
+        for width in layer_widths(entry, store).values():
+            if not 1 <= width <= store.b_max:
+                raise _fail(path, f"task {t} has bit width {width} outside 1..b_max", _DAMAGED_FIX)
     return tasks
+
+
+def _widths_ok(entry: Any, names: set[str], version: Any) -> bool:
+    """Per-layer widths only in a version-4 file: every layer named, ints, the widest being
+    the entry's ``bit_width``."""
+    if not isinstance(entry, dict) or "bit_widths" not in entry:
+        return True
+    widths = entry["bit_widths"]
+    return (
+        version == LAYER_WIDTHS_VERSION
+        and isinstance(widths, dict)
+        and set(widths) == names
+        and all(isinstance(w, int) and not isinstance(w, bool) for w in widths.values())
+        and max(widths.values()) == entry["bit_width"]
+    )
+
+
+def layer_widths(entry: dict[str, Any], store: PackedStore) -> dict[str, int]:
+    """A header task entry's width per layer (its ``bit_width`` for every layer unless it
+    lists ``bit_widths``)."""
+    if "bit_widths" in entry:
+        return {s.name: entry["bit_widths"][s.name] for s in store.layers}
+    return {s.name: entry["bit_width"] for s in store.layers}
 
 
 def _network_ok(entry: Any, before: Any, version: Any) -> bool:
     """Networks are numbered as opened: the first task in 0, each next one in its
-    predecessor's network or the one after; only a version-3 file names networks."""
+    predecessor's network or the one after; only a version-3 or -4 file names networks."""
     network = entry.get("network", 0) if isinstance(entry, dict) else None
     if isinstance(network, bool) or not isinstance(network, int):
         return False
-    if ("network" in entry) != (version == NETWORKS_VERSION):
+    if ("network" in entry) != (version in (NETWORKS_VERSION, LAYER_WIDTHS_VERSION)):
         return False
     previous = before.get("network", 0) if isinstance(before, dict) else None
     if before is None:
@@ -300,8 +337,9 @@ def _expected_tensors(
     """Every tensor the header promises, with its dtype and shape where the format fixes them."""
     expected: dict[str, tuple[torch.dtype | None, tuple[int, ...] | None]] = {}
     for t, entry in enumerate(tasks):
-        width = entry["bit_width"]
+        widths = layer_widths(entry, store)
         for spec in store.layers:
+            width = widths[spec.name]
             count = entry["code_counts"][spec.name]
             expected[_tensor_name(t, "mask", spec.name)] = (
                 torch.uint8,
@@ -382,7 +420,7 @@ def load_store(path: str | os.PathLike[str]) -> PackedStore:
                 )
 
     for t, entry in enumerate(tasks):
-        width = entry["bit_width"]
+        widths = layer_widths(entry, store)
         masks, codes, books = {}, {}, {}
         for spec in store.layers:
             count = entry["code_counts"][spec.name]
@@ -396,7 +434,7 @@ def load_store(path: str | os.PathLike[str]) -> PackedStore:
                 )
             masks[spec.name] = mask
             codes[spec.name] = unpack_bits(
-                tensors[_tensor_name(t, "codes", spec.name)], width, count
+                tensors[_tensor_name(t, "codes", spec.name)], widths[spec.name], count
             )
             books[spec.name] = tensors[_tensor_name(t, "codebook", spec.name)]
         state = {key: tensors[_tensor_name(t, "state", key)] for key in entry["state"]}
@@ -409,7 +447,7 @@ def load_store(path: str | os.PathLike[str]) -> PackedStore:
         if entry.get("network", 0) == store.num_networks:
             store.grow()
         try:
-            store.commit(masks, codes, books, width, state, shared)
+            store.commit(masks, codes, books, widths, state, shared)
         except StoreError as exc:
             raise _fail(path, f"task {t} cannot be re-committed: {exc}", _DAMAGED_FIX) from exc
     for t, doc in enumerate(_input_entries(path, header, len(tasks))):

@@ -27,6 +27,7 @@ network. A store that never grew is the single-network store of earlier releases
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,11 +45,11 @@ class _Task:
     """What the store keeps of a committed task (DESIGN.md §2, COMMIT).
 
     ``offsets[name]`` is the bit offset of each owned component inside its word, in the
-    row-major order of ``masks[name].flatten().nonzero()``; with the mask and ``bit_width`` it
-    is enough to read the codes back from the words.
+    row-major order of ``masks[name].flatten().nonzero()``; with the mask and the layer's width
+    ``widths[name]`` it is enough to read the codes back from the words.
     """
 
-    bit_width: int
+    widths: dict[str, int]
     masks: dict[str, torch.Tensor]
     offsets: dict[str, torch.Tensor]
     codebooks: dict[str, torch.Tensor]
@@ -57,6 +58,11 @@ class _Task:
     network: int = 0
     owned: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     decoded: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def bit_width(self) -> int:
+        """The widest layer's component width (``b_t`` when every layer has the same)."""
+        return max(self.widths.values())
 
 
 @dataclass
@@ -235,15 +241,11 @@ class PackedStore:
         masks: dict[str, torch.Tensor],
         codes: dict[str, torch.Tensor],
         codebooks: dict[str, torch.Tensor],
-        bit_width: int,
+        widths: dict[str, int],
         task_state: dict[str, torch.Tensor],
         shared: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Check a commit completely; raise :class:`StoreError` on the first problem."""
-        if isinstance(bit_width, bool) or not isinstance(bit_width, int):
-            raise StoreError(f"bit_width must be an int, got {bit_width!r}")
-        if not 1 <= bit_width <= self._b_max:
-            raise StoreError(f"bit_width {bit_width} is outside 1..b_max={self._b_max}")
         names = {s.name for s in self._layers}
         for what, given in (("masks", masks), ("codes", codes), ("codebooks", codebooks)):
             if not isinstance(given, dict):
@@ -254,9 +256,10 @@ class PackedStore:
                     f"missing {sorted(names - set(given))}, unknown {sorted(set(given) - names)}"
                 )
         available = self.available()
-        n_codes = 1 << bit_width
         for spec in self._layers:
             name = spec.name
+            bit_width = widths[name]
+            n_codes = 1 << bit_width
             mask, code, book = masks[name], codes[name], codebooks[name]
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 raise StoreError(f"layer {name!r}: mask must be a bool tensor")
@@ -342,22 +345,26 @@ class PackedStore:
         masks: dict[str, torch.Tensor],
         codes: dict[str, torch.Tensor],
         codebooks: dict[str, torch.Tensor],
-        bit_width: int,
+        bit_width: int | Mapping[str, int],
         task_state: dict[str, torch.Tensor],
         shared: dict[str, torch.Tensor] | None = None,
     ) -> int:
         """Pack a quantised task into the words and return its id (DESIGN.md §2, COMMIT).
 
         ``masks[name]`` has the layer's shape; ``codes[name]`` holds one code per True mask entry
-        in row-major order; ``codebooks[name]`` is float32 of length ``2**bit_width``;
+        in row-major order; ``bit_width`` is one width for every layer or, per-layer bit widths
+        (issue 13, the paper's "hybrid quantisation"), a width per layer, each in 1..b_max, so
+        the availability rule (``used + b_max <= 32``) still bounds every word;
+        ``codebooks[name]`` is float32 of length ``2**width`` of its layer;
         ``task_state`` holds the task's unpacked tensors (head, normalisation state), stored as
         CPU clones. The task goes into the newest network (:meth:`grow`). Each code goes to bit
-        offset ``used_bits`` of its word, then ``used_bits`` grows by ``bit_width``. ``shared``
+        offset ``used_bits`` of its word, then ``used_bits`` grows by its layer's width. ``shared``
         (weight sharing) marks weights of the network's earlier tasks the task reads without
         owning them; they take no bits. Everything is validated first and the new words are
         built aside, so a :class:`StoreError` leaves the store unchanged.
         """
-        self._validate(masks, codes, codebooks, bit_width, task_state, shared)
+        widths = self._widths(bit_width)
+        self._validate(masks, codes, codebooks, widths, task_state, shared)
         net = self._nets[-1]
         if shared is not None and not any(bool(m.any()) for m in shared.values()):
             shared = None
@@ -375,13 +382,13 @@ class PackedStore:
             code = codes[name].detach().cpu().to(torch.int64)
             words[index] |= code << offset.to(torch.int64)
             used = used.clone()
-            used[index] += bit_width
+            used[index] += widths[name]
             new_words[name] = words.view(spec.shape)
             new_used[name] = used.view(spec.shape)
             task_masks[name] = mask
             offsets[name] = offset
         task = _Task(
-            bit_width=bit_width,
+            widths=widths,
             masks=task_masks,
             offsets=offsets,
             codebooks={n: codebooks[n].detach().cpu().clone() for n in task_masks},
@@ -403,7 +410,7 @@ class PackedStore:
         """Flat indices of the task's owned weights in layer ``name`` and their codes (int64)."""
         index = record.masks[name].reshape(-1).nonzero().squeeze(1)
         words = self._nets[record.network].words[name].reshape(-1)[index]
-        low = (1 << record.bit_width) - 1
+        low = (1 << record.widths[name]) - 1
         return index, (words >> record.offsets[name].to(torch.int64)) & low
 
     def codes(self, task: int) -> dict[str, torch.Tensor]:
@@ -469,8 +476,35 @@ class PackedStore:
         return {n: m | shared[n] for n, m in self._task(task).masks.items()}
 
     def bit_width(self, task: int) -> int:
-        """Component width ``b_t`` of task ``task``."""
+        """Component width ``b_t`` of task ``task``: its widest layer's with per-layer widths."""
         return self._task(task).bit_width
+
+    def bit_widths(self, task: int) -> dict[str, int]:
+        """Task ``task``'s component width per layer (all ``b_t`` unless it has per-layer
+        widths)."""
+        return dict(self._task(task).widths)
+
+    def _widths(self, bit_width: int | Mapping[str, int]) -> dict[str, int]:
+        """``bit_width`` as a width per layer, each checked to be an int in 1..b_max."""
+        names = [s.name for s in self._layers]
+        if isinstance(bit_width, Mapping):
+            if set(bit_width) != set(names):
+                raise StoreError(
+                    f"bit widths must name every prunable layer: missing "
+                    f"{sorted(set(names) - set(bit_width))}, unknown "
+                    f"{sorted(set(bit_width) - set(names))}"
+                )
+            widths = {n: bit_width[n] for n in names}
+        else:
+            widths = dict.fromkeys(names, bit_width)
+        for name, width in widths.items():
+            if isinstance(width, bool) or not isinstance(width, int):
+                raise StoreError(f"bit_width must be an int, got {width!r} for layer {name!r}")
+            if not 1 <= width <= self._b_max:
+                raise StoreError(
+                    f"bit_width {width} is outside 1..b_max={self._b_max} (layer {name!r})"
+                )
+        return widths
 
     def codebooks(self, task: int) -> dict[str, torch.Tensor]:
         """Task ``task``'s float32 codebooks per layer (copies)."""
@@ -490,8 +524,9 @@ class PackedStore:
         that shares nothing.
         """
         record = self._task(task)
+        uniform = len(set(record.widths.values())) == 1
         return TaskParts(
-            bit_width=record.bit_width,
+            bit_width=record.bit_width if uniform else dict(record.widths),
             masks=self.mask(task),
             codes=self.codes(task),
             codebooks=self.codebooks(task),

@@ -107,7 +107,8 @@ def task_metrics(
             Metric("candidate_score", value(c["score"]), ts, c["index"]),
         ]
     for b in rep["bits_tried"]:
-        out.append(Metric("quant_val_acc_by_bits", value(b["acc"]), ts, b["bits"]))
+        if "widths" not in b:  # Algorithm 3's one-width trials; per-layer ones share a step
+            out.append(Metric("quant_val_acc_by_bits", value(b["acc"]), ts, b["bits"]))
     return out
 
 

@@ -1,0 +1,104 @@
+"""Codebook fine-tuning (issue 13, Deep Compression §3): centroids train, codes never move,
+nothing else changes, the result is reproducible, and what COMMIT writes is what was judged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qpacknet.codebook_tuning import tune_codebooks
+from qpacknet.executor import drive
+from qpacknet.model import PackedModel
+from qpacknet.nets import build
+from qpacknet.pipeline import MODEL_FILE
+from qpacknet.quantize import dequantize, kmeans_1d
+from qpacknet.scenarios.digits import PermutedDigits
+from qpacknet.train import logits_of
+from qpacknet.worker import CandidateWorker, TaskContext
+from tests.conftest import tiny_config
+from tests.helpers import all_available, learn_checking_old_logits, local_pipeline
+
+
+def _trained(**quantize: object) -> tuple[CandidateWorker, PermutedDigits]:
+    stream = PermutedDigits(num_tasks=1, seed=3)
+    cfg = tiny_config(quantize={"criterion": "accuracy", "delta": 0.5, **quantize})
+    specs = build(cfg.net, stream.input_shape, stream.num_classes, 1).layer_specs
+    ctx = TaskContext(cfg, 0, stream.input_shape, stream.num_classes, all_available(specs))
+    worker = CandidateWorker(ctx, *stream.fit_splits(0))
+    drive(worker.search([0, 1]), None)
+    drive(worker.train(1), None)
+    return worker, stream
+
+
+def _train_loss(net, weights, masks, state, split) -> float:
+    net.load_candidate(0, weights, masks, state)
+    return float(F.cross_entropy(logits_of(net, split, 8192)[0], split.y))
+
+
+def test_centroids_train_codes_and_head_stay() -> None:
+    worker, stream = _trained()
+    assert worker.single is not None
+    weights, masks, state = worker.single.candidate(0)
+    books = {n: kmeans_1d(w[masks[n]], 2) for n, w in weights.items()}
+    probe = build(worker.cfg.net, stream.input_shape, stream.num_classes, 1)
+    kwargs = {"epochs": 2, "lr": 1e-3, "batch_size": 16, "seed": 3, "task": 0}
+    tuned = tune_codebooks(probe, books, masks, state, worker.train_split, **kwargs)
+    again = tune_codebooks(probe, books, masks, state, worker.train_split, **kwargs)
+    for name, book in tuned.items():
+        assert torch.equal(book.codes, books[name].codes)
+        assert book.centroids.dtype == torch.float32 and book.centroids.shape == (4,)
+        assert not torch.equal(book.centroids, books[name].centroids)
+        assert torch.equal(book.centroids, again[name].centroids)  # bit-reproducible
+    _, _, after = probe.candidate(0)
+    assert all(torch.equal(after[k], v) for k, v in state.items())  # the head did not train
+    before_loss = _train_loss(
+        probe, dequantize(books, masks, weights), masks, state, worker.train_split
+    )
+    tuned_loss = _train_loss(
+        probe, dequantize(tuned, masks, weights), masks, state, worker.train_split
+    )
+    assert tuned_loss < before_loss
+
+
+def test_quantize_commits_the_tuned_codebooks_it_judged() -> None:
+    worker, stream = _trained(finetune_epochs=1, finetune_lr=1e-3)
+    assert worker.single is not None
+    weights, masks, state = worker.single.candidate(0)
+    q = drive(worker.quantize(stream.test_split(0)), None)
+    assert q.finetune_epochs == 1 and q.within_delta
+    probe = build(worker.cfg.net, stream.input_shape, stream.num_classes, 1)
+    books = {n: kmeans_1d(w[masks[n]], q.bit_width) for n, w in weights.items()}
+    expected = tune_codebooks(
+        probe, books, masks, state, worker.train_split,
+        epochs=1, lr=1e-3, batch_size=16, seed=3, task=0,
+    )  # fmt: skip
+    for name in masks:
+        assert torch.equal(q.codebooks[name], expected[name].centroids)
+        assert torch.equal(q.codes[name], books[name].codes)
+    assert all(torch.equal(q.task_state[k], v.cpu()) for k, v in state.items())
+    probe.load_candidate(0, dequantize(expected, masks, weights), masks, state)
+    judged = logits_of(probe, worker.val_split, 8192)[0].argmax(-1)
+    assert q.quant_acc == 100.0 * int((judged == worker.val_split.y).sum()) / len(judged)
+    paper = _trained()[0]
+    plain = drive(paper.quantize(stream.test_split(0)), None)
+    assert plain.tried[0][1] < q.tried[0][1], "fine-tuned 1-bit codebooks beat k-means alone"
+
+
+def test_run_with_both_settings_keeps_old_tasks_bit_identical(tmp_path: Path) -> None:
+    """Fine-tuning and per-layer widths with weight sharing: every old task's logits stay
+    bit-identical after each later commit, the report lists each layer's width, and the file
+    reloads to the same digests."""
+    stream = PermutedDigits(num_tasks=3, seed=3)
+    quantize = {"finetune_epochs": 1, "finetune_lr": 1e-3, "per_layer": True, "delta": 2.0}
+    pipe = local_pipeline(tmp_path, stream, quantize=quantize, sharing={"enabled": True})
+    learn_checking_old_logits(pipe, stream.test_split(0).x[:50])
+    model = PackedModel.load(tmp_path / MODEL_FILE)
+    reports = json.loads(json.dumps(pipe.task_reports))
+    for t, rep in enumerate(reports):
+        assert rep["bit_widths"] == model.store.bit_widths(t)
+        assert rep["bit_width"] == max(rep["bit_widths"].values())
+        assert rep["commit_digest"] == model.store.parts(t).digest()
+    assert any(len(set(r["bit_widths"].values())) > 1 for r in reports), reports
