@@ -256,3 +256,34 @@ def test_the_config_names_every_recogniser_and_refuses_others() -> None:
         validate({"inference": {"recogniser": "nope"}})
     with pytest.raises(ConfigError, match="needs the feature statistics"):
         validate({"inference": {"recogniser": "combined", "statistics": ["input"]}})
+
+
+def test_image_figures_are_those_of_predict_on_raw_images(tmp_path: Path) -> None:
+    """Split CIFAR-100 standardises each task with its own statistics: the run's figures give
+    every sub-network the test images as its own task prepares them, as predict does."""
+    from qpacknet.cli import main
+    from qpacknet.config import load_config
+    from qpacknet.preparation import of_store, task_inputs
+    from tests.test_image_scenarios import _make_cifar100
+
+    _make_cifar100(tmp_path / "data")
+    out = tmp_path / "run"
+    sets = ["scenario.name=cifar100", "scenario.num_tasks=2", "search.population=2"]
+    sets += ["search.epochs=1", "train.epochs=2", "capacity.quality_gate=warn", "threads=1"]
+    args = ["run", "--preset", "digits", "--data-dir", str(tmp_path / "data"), "--out", str(out)]
+    args += [f"--set={s}" for s in sets] + ["--executor", "local", "--no-tracking", "--quiet"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    model = PackedModel.load(out / MODEL_FILE)
+    preps = of_store(model.store)
+    assert preps is not None and preps[0].mean != preps[1].mean
+    cfg = load_config(overrides=sets)
+    stream = build_stream(cfg.scenario, cfg.seed, str(tmp_path / "data"), "cpu")
+    for method, figures in results["task_inference"].items():
+        right = 0.0
+        for j in range(2):
+            split = stream.test_split(j)
+            inputs = task_inputs(preps, split.x, model.input_shape)
+            found = recognise.infer_tasks(model, inputs, method)
+            right += 100.0 * int((found.task == j).sum()) / len(split) / 2
+        assert figures["task_inference_acc"] == pytest.approx(right, abs=1e-9), method
