@@ -31,9 +31,10 @@ prediction is the winning task's head's argmax, the confidence its softmax proba
 
 The statistics are computed at COMMIT from the task's own training split (no raw data is kept,
 only these summaries: replay-free) and stored in the model file under the file's checksums
-(:mod:`qpacknet.store.fileformat`, tensors ``task.{t}.recognise.{name}``). They are
-computed in float64 on the CPU from the network inputs and the sub-network's features and
-rounded to float32, so a run recomputes them bit for bit; a resumed run reads them from the
+(:mod:`qpacknet.store.fileformat`, tensors ``task.{t}.recognise.{name}``). The features come
+from the committed sub-network decoded from the words, on the driver's device; every sum is
+taken in float64 on the CPU over fixed chunks and rounded to float32, so on the CPU a run
+recomputes them bit for bit (also at another thread count); a resumed run reads them from the
 checkpointed model file. File growth per task, with ``P`` network-input values, ``D`` feature
 dimensions and ``C_t`` classes in the task's training split, all float32::
 
@@ -220,7 +221,7 @@ def feature_score(stats: dict[str, torch.Tensor], features: torch.Tensor) -> tor
     g = features.to("cpu", torch.float64) @ whiten.t()
     m = means @ whiten.t()
     out = []
-    for part in _chunks(len(g), 4096):
+    for part in _chunks(len(g), 1024):
         diff = g[part].unsqueeze(1) - m.unsqueeze(0)
         out.append((diff * diff).sum(-1).min(1).values)
     dist = torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
