@@ -70,6 +70,7 @@ def _identity(config: dict[str, Any]) -> dict[str, Any]:
     ident.pop("executor", None)
     ident.pop("tracking", None)
     ident.pop("capacity", None)
+    ident.pop("inference", None)  # what is reported and kept for task inference, not learned
     return ident
 
 
@@ -109,4 +110,7 @@ def truncate(store: PackedStore, num_tasks: int) -> PackedStore:
         doc = store.input_preparation(t)
         if doc is not None:
             fresh.set_input_preparation(t, doc)
+        stats = store.recognition_stats(t)
+        if stats is not None:
+            fresh.set_recognition_stats(t, stats)
     return fresh

@@ -100,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--model", required=True, help="FILE.safetensors, a run dir, or models:/N/V")
     pred.add_argument("--input", required=True, help=".npz (key x) or .npy, an image, or a folder")
     pred.add_argument("--task", type=int, help="the inputs' task (0-based); default: inferred")
+    pred.add_argument(
+        "--recogniser",
+        metavar="NAME",
+        help=f"how a task is inferred without --task: {', '.join(_recognisers())} (default: "
+        "the strongest the model file has statistics for: combined, else entropy)",
+    )
     pred.add_argument("--out", help="FILE.csv or FILE.json (default: CSV on stdout)")
     pred.add_argument("--prepared", action="store_true", help="inputs are network inputs already")
     pred.add_argument("--tracking-uri", help="registry of models:/ (default: $MLFLOW_TRACKING_URI)")
@@ -123,6 +129,16 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--set", dest="overrides", action="append", default=[])
     sub.add_parser("presets", help="list the shipped presets")
     return p
+
+
+def _recognisers() -> tuple[str, ...]:
+    """The task recognisers' names (:mod:`qpacknet.recognise`), from the config's setting so
+    that parsing the command line imports no torch."""
+    from typing import get_args
+
+    from qpacknet.config import InferenceConfig
+
+    return get_args(InferenceConfig.model_fields["recogniser"].annotation)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,11 +461,21 @@ def _summary(results: dict[str, Any], pipeline: Any, out: Path) -> None:
         f"capacity {results['capacity_pct']:.2f}% (+ heads {results['heads_pct']:.2f}%)  "
         f"bits per task: {bits}"
     )
+    by = results.get("task_inference", {})
+    head = results.get("task_inference_recogniser", "entropy")
     print(
-        f"without task ids: task inferred right {results['task_inference_acc']:.2f}%, "
+        f"without task ids ({head}): task inferred right {results['task_inference_acc']:.2f}%, "
         f"class-incremental ACC {results['class_incremental_acc']:.2f}% "
         f"(task-incremental ACC {results['acc']:.2f}%)"
     )
+    if len(by) > 1:
+        print(
+            "  task inferred right / class-incremental ACC by recogniser: "
+            + ", ".join(
+                f"{name} {f['task_inference_acc']:.2f}/{f['class_incremental_acc']:.2f}%"
+                for name, f in by.items()
+            )
+        )
     if results.get("shared_pct"):
         later = max(1, len(results["tasks"]) - 1)
         print(

@@ -289,6 +289,38 @@ class TrackingConfig(_Strict):
     http_retries: int = Field(2, ge=0, description="retries per request before giving up")
 
 
+class InferenceConfig(_Strict):
+    """Task inference without task ids (DESIGN.md §2 Inference; :mod:`qpacknet.recognise`).
+    Which statistics each task keeps in the model file, computed at COMMIT from its training
+    split, and which recogniser the run's headline ``task_inference_acc`` /
+    ``class_incremental_acc`` use (results.json ``task_inference`` has every recogniser's).
+    Changes only what is reported and kept, never what is learned."""
+
+    recogniser: Literal["entropy", "input", "feature", "combined"] = Field(
+        "combined",
+        description="headline recogniser: entropy (lowest prediction entropy), input (Gaussian "
+        "over the network input), feature (Mahalanobis on penultimate features), combined",
+    )
+    statistics: list[Literal["input", "feature"]] = Field(
+        default_factory=lambda: ["input", "feature"],
+        description="per-task recognition statistics kept in the model file (feature: "
+        "4*(C*D + D*(D+1)/2) bytes per task, large for wide backbones; [] keeps none)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> InferenceConfig:
+        if len(set(self.statistics)) != len(self.statistics):
+            raise ValueError(f"statistics lists a kind twice: {self.statistics}")
+        needs = {"input": {"input"}, "feature": {"feature"}, "combined": {"input", "feature"}}
+        lacking = sorted(needs.get(self.recogniser, set()) - set(self.statistics))
+        if lacking:
+            raise ValueError(
+                f"recogniser {self.recogniser!r} needs the {' and '.join(lacking)} statistics: "
+                "add them to inference.statistics or choose another recogniser"
+            )
+        return self
+
+
 class RunConfig(_Strict):
     """A whole scenario run."""
 
@@ -304,6 +336,7 @@ class RunConfig(_Strict):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

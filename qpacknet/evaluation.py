@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from qpacknet.events import Event, StageDone, StepDone
-from qpacknet.metrics import pair_stats
+from qpacknet.metrics import PairStats, pair_stats
 from qpacknet.model import PackedModel
+from qpacknet.recognise import kinds_of, scores
 from qpacknet.scenarios.base import Split
 from qpacknet.store import PackedStore
 from qpacknet.worker import perturbed
@@ -71,9 +72,50 @@ def evaluate_stage(
             )
         for i, jj in request.pairs:
             if jj == j:
-                pairs[(i, j)] = pair_stats(model.split_logits(i, split), split.y)
+                pairs[(i, j)] = _pair(model, i, _as_task(split, store, i))
     val_row = [
         perturbed(model.accuracy(j, val_split(j).to(device))) for j in range(request.task + 1)
     ]
     result = Evaluation(request.task, row, pairs, val_row)
     yield StageDone("evaluate", request.task, (), result, started, time.time(), where)
+
+
+def _pair(model: PackedModel, i: int, split: Split) -> PairStats:
+    """Sub-network i on a test split: its correctness and every recogniser's scores that task
+    i's statistics allow (:mod:`qpacknet.recognise`)."""
+    stats = model.store.recognition_stats(i)
+    kinds = kinds_of(stats)
+    if "feature" in kinds:
+        logits, features = model.outputs(i, split)
+    else:
+        logits, features = model.split_logits(i, split), None
+    x = split.inputs() if "input" in kinds else split.x[:0]
+    return pair_stats(logits, split.y, scores(stats, x, logits.float().cpu(), features))
+
+
+def _as_task(split: Split, store: PackedStore, task: int) -> Split:
+    """Test images as task ``task`` prepares them: an image scenario standardises each task
+    with its own statistics, and without a task id every sub-network sees the raw input its
+    own way (:func:`qpacknet.preparation.task_inputs`), so the reported figures are those of
+    ``qpacknet predict``. Splits of network inputs (features, permuted pixels) are unchanged."""
+    doc = store.input_preparation(task)
+    if not split.compact or doc is None or split.mean is None:
+        return split
+    mean, std = doc.get("mean"), doc.get("std")
+    usable = (
+        doc.get("dtype") == "uint8"
+        and doc.get("scale") is None
+        and doc.get("compute", "float32") == "float32"
+        and isinstance(mean, list)
+        and isinstance(std, list)
+        and len(mean) == len(std) == len(split.mean)
+    )
+    if not usable:
+        return split
+    to = split.mean
+    return Split(
+        split.x,
+        split.y,
+        torch.tensor(mean, dtype=torch.float32, device=to.device),
+        torch.tensor(std, dtype=torch.float32, device=to.device),
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,29 +51,43 @@ class AccuracyMatrix:
 
 @dataclass(frozen=True)
 class InferenceFigures:
-    """Class-incremental figures over the tasks committed so far (means over tasks, in %)."""
+    """Class-incremental figures over the tasks committed so far (means over tasks, in %), by
+    the headline ``recogniser``, and ``by_recogniser`` for every recogniser the model has the
+    statistics for (:mod:`qpacknet.recognise`)."""
 
     task_inference_acc: float
     class_incremental_acc: float
     per_task: list[dict[str, float]]
+    recogniser: str = "entropy"
+    by_recogniser: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+# a pair's record: per recogniser the score of each input (higher: more likely this task),
+# and whether the sub-network's argmax is the label
+PairStats = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
 class TaskInference:
-    """Class-incremental evaluation (DESIGN.md §2, Inference): without a task id, run every
-    task's sub-network and take the task whose prediction has the lowest entropy.
+    """Class-incremental evaluation (DESIGN.md §2, Inference): without a task id, score every
+    task's sub-network on the input and take the best task (:mod:`qpacknet.recognise`: lowest
+    prediction entropy, or the stronger recognisers whose statistics the model file keeps).
 
     For test task j, *task-inference accuracy* is the share of its inputs whose inferred task is
     j; *class-incremental accuracy* the share whose inferred task is j and whose prediction under
-    that task's head is the label. Ties in entropy go to the lower task index.
+    that task's head is the label. Ties go to the lower task index.
 
     Because committed tasks are frozen, sub-network i's outputs on test set j never change once
     both exist; each pair (i, j) is therefore evaluated once and cached, so adding task T costs
     the ``2T+1`` new pairs rather than ``(T+1)²``. After a resume the cache is rebuilt from the
     packed model, which gives the same figures.
+
+    ``recogniser`` names the headline figures' recogniser; where some pair lacks its scores
+    (statistics not kept) the headline falls back to ``entropy``, which every pair has.
     """
 
-    def __init__(self) -> None:
-        self._pairs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, recogniser: str = "entropy") -> None:
+        self.recogniser = recogniser
+        self._pairs: dict[tuple[int, int], PairStats] = {}
 
     def missing(self, num_tasks: int) -> list[tuple[int, int]]:
         """The ``(sub-network i, test task j)`` pairs over tasks ``0..num_tasks-1`` not yet
@@ -82,10 +96,10 @@ class TaskInference:
             (i, j) for j in range(num_tasks) for i in range(num_tasks) if (i, j) not in self._pairs
         ]
 
-    def add(self, pairs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def add(self, pairs: dict[tuple[int, int], PairStats]) -> None:
         """Record pairs computed elsewhere (:func:`pair_stats`, e.g. on a worker's GPU)."""
-        for key, (entropy, correct) in pairs.items():
-            self._pairs[key] = (entropy.cpu(), correct.cpu())
+        for key, (scores, correct) in pairs.items():
+            self._pairs[key] = ({k: v.cpu() for k, v in scores.items()}, correct.cpu())
 
     def update(
         self,
@@ -94,7 +108,7 @@ class TaskInference:
         labels: Callable[[int], torch.Tensor],
     ) -> InferenceFigures:
         """Figures over tasks ``0..num_tasks-1``; ``logits(i, j)`` is sub-network i on test
-        task j's inputs (``[N_j, C]``), ``labels(j)`` test task j's labels."""
+        task j's inputs (``[N_j, C]``), ``labels(j)`` test task j's labels (entropy only)."""
         ys: dict[int, torch.Tensor] = {}
         for i, j in self.missing(num_tasks):
             if j not in ys:
@@ -102,14 +116,21 @@ class TaskInference:
             self._pairs[(i, j)] = pair_stats(logits(i, j), ys[j])
         return self.figures(num_tasks)
 
-    def figures(self, num_tasks: int) -> InferenceFigures:
-        """Figures over tasks ``0..num_tasks-1`` from the recorded pairs."""
+    def recognisers(self, num_tasks: int) -> list[str]:
+        """The recognisers every pair over tasks ``0..num_tasks-1`` has scores for."""
+        names: list[str] | None = None
+        for i in range(num_tasks):
+            for j in range(num_tasks):
+                have = list(self._pairs[(i, j)][0])
+                names = have if names is None else [n for n in names if n in have]
+        return names or []
+
+    def _by(self, num_tasks: int, name: str) -> list[dict[str, float]]:
         per_task = []
         for j in range(num_tasks):
-            entropies = torch.stack([self._pairs[(i, j)][0] for i in range(num_tasks)])
+            scores = torch.stack([self._pairs[(i, j)][0][name] for i in range(num_tasks)])
             correct = torch.stack([self._pairs[(i, j)][1] for i in range(num_tasks)])
-            inferred = entropies.argmin(0)
-            right = inferred == j
+            right = scores.argmax(0) == j  # the first maximum: ties to the lower task
             per_task.append(
                 {
                     "task_inference_acc": 100.0 * int(right.sum()) / right.numel(),
@@ -118,18 +139,39 @@ class TaskInference:
                     / right.numel(),
                 }
             )
+        return per_task
+
+    def figures(self, num_tasks: int) -> InferenceFigures:
+        """Figures over tasks ``0..num_tasks-1`` from the recorded pairs."""
+        names = self.recognisers(num_tasks)
+        by: dict[str, dict[str, float]] = {}
+        per: dict[str, list[dict[str, float]]] = {}
+        for name in names:
+            per[name] = self._by(num_tasks, name)
+            by[name] = {
+                key: sum(p[key] for p in per[name]) / num_tasks
+                for key in ("task_inference_acc", "class_incremental_acc")
+            }
+        head = self.recogniser if self.recogniser in by else "entropy"
         return InferenceFigures(
-            task_inference_acc=sum(p["task_inference_acc"] for p in per_task) / num_tasks,
-            class_incremental_acc=sum(p["class_incremental_acc"] for p in per_task) / num_tasks,
-            per_task=per_task,
+            task_inference_acc=by[head]["task_inference_acc"],
+            class_incremental_acc=by[head]["class_incremental_acc"],
+            per_task=per[head],
+            recogniser=head,
+            by_recogniser=by,
         )
 
 
-def pair_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sub-network i on test task j: each input's prediction entropy and whether its argmax
-    is the label (both on the CPU), all that task inference keeps of a pair."""
+def pair_stats(
+    logits: torch.Tensor, labels: torch.Tensor, scores: dict[str, torch.Tensor] | None = None
+) -> PairStats:
+    """Sub-network i on test task j: each input's score per recogniser (``entropy``: the
+    negated prediction entropy, always; ``scores`` adds the others) and whether its argmax is
+    the label (all on the CPU), all that task inference keeps of a pair."""
     out = logits.detach().float().cpu()
-    return prediction_entropy(out), out.argmax(-1) == labels.cpu()
+    every = {"entropy": -prediction_entropy(out).double()}
+    every.update({k: v.detach().cpu() for k, v in (scores or {}).items() if k != "entropy"})
+    return every, out.argmax(-1) == labels.cpu()
 
 
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from qpacknet.nets import PopulationNet, build_from_meta
 from qpacknet.scenarios.base import Split
 from qpacknet.store import PackedStore, load_store
-from qpacknet.train import evaluate, logits_of
+from qpacknet.train import evaluate, logits_of, outputs_of
 
 
 class PackedModel:
@@ -76,6 +76,15 @@ class PackedModel:
         """Task ``task``'s logits ``[N, C]`` on ``split``'s inputs (compact uint8 splits are
         standardised chunk by chunk, with the same result as :meth:`logits` on floats)."""
         return logits_of(self.net(task), split.to(self.device), self.batch_size)[0]
+
+    @torch.no_grad()
+    def outputs(self, task: int, x: torch.Tensor | Split) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task ``task``'s logits ``[N, C]`` and penultimate features ``[N, F]`` (what its head
+        reads; task recognition, :mod:`qpacknet.recognise`) on network inputs or a split."""
+        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
+            raise TypeError("uint8 images: standardise them first, or pass a Split")
+        logits, features = outputs_of(self.net(task), x.to(self.device), self.batch_size)
+        return logits[0], features[0]
 
     @torch.no_grad()
     def predict(self, task: int, x: torch.Tensor) -> torch.Tensor:

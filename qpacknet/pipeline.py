@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from qpacknet import __version__, capacity_policy, preparation
+from qpacknet import __version__, capacity_policy, preparation, recognise
 from qpacknet.checkpoint import check_same_config, load_checkpoint, save_checkpoint, truncate
 from qpacknet.config import RunConfig
 from qpacknet.devices import cpu_model, resolve_device
@@ -46,6 +46,7 @@ from qpacknet.fileio import atomic_write_json, atomic_write_text
 from qpacknet.layout import CONFIG_FILE, MODEL_FILE, RESULTS_FILE
 from qpacknet.method import REVISION, QuantizedTask, choose_winner, commit
 from qpacknet.metrics import AccuracyMatrix, InferenceFigures, TaskInference
+from qpacknet.model import PackedModel
 from qpacknet.nets import build
 from qpacknet.observers import RunObserver, RunStarted, TaskCommitted
 from qpacknet.progress import Progress
@@ -171,7 +172,7 @@ class Pipeline:
         self.matrix = AccuracyMatrix()
         self.val_matrix = AccuracyMatrix()
         self._last_val_row: list[float] | None = None
-        self.inference = TaskInference()
+        self.inference = TaskInference(config.inference.recogniser)
         self.inference_figures: InferenceFigures | None = None
         self.task_reports: list[dict[str, Any]] = []
         self._learned_from: dict[str, Any] | None = None
@@ -538,6 +539,7 @@ class Pipeline:
             raise RuntimeError(f"task {t + 1}: QUANTIZE returned shared weights with sharing off")
         commit(self.store, q, f"task {t + 1}", str(self.model_path))
         preparation.record(self.store, self.stream, t)
+        self._recognition_stats(t)
         save_store(self.store, self.model_path)
 
     def _check_promise(self, t: int) -> None:
@@ -703,7 +705,25 @@ class Pipeline:
             "task_inference_acc": figures.task_inference_acc,
             "class_incremental_acc": figures.class_incremental_acc,
             "task_inference_per_task": figures.per_task,
+            "task_inference_recogniser": figures.recogniser,
+            "task_inference": figures.by_recogniser,
         }
+
+    def _recognition_stats(self, t: int) -> None:
+        """At COMMIT: the task-recognition statistics (:mod:`qpacknet.recognise`) of task ``t``
+        and of any earlier task that lacks them (a run begun before they were kept), from
+        each task's training split as the driver builds it and its committed sub-network
+        decoded from the words. Summaries only, no raw data (replay-free)."""
+        kinds = tuple(self.config.inference.statistics)
+        if not kinds:
+            return
+        model = PackedModel(self.store, self.device, self.config.train.eval_batch_size)
+        for task in range(t + 1):
+            if set(kinds) <= recognise.kinds_of(self.store.recognition_stats(task)):
+                continue
+            train, _ = self.stream.fit_splits(task)
+            stats = recognise.task_statistics(model, task, train, kinds)
+            self.store.set_recognition_stats(task, stats)
 
     def _results(self, seconds_total: float) -> dict[str, Any]:
         cap = capacity(self.store)

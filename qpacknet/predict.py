@@ -33,7 +33,7 @@ from qpacknet.fileio import atomic_write_text
 from qpacknet.layout import MODEL_FILE
 from qpacknet.model import PackedModel
 from qpacknet.preparation import Preparation, of_store, task_inputs
-from qpacknet.recognise import Recognition, infer_tasks, under_task
+from qpacknet.recognise import Recognition, choose, infer_tasks, under_task
 
 # seconds and retries for each request to a tracking server: an unreachable one fails in
 # seconds instead of MLflow's default minutes
@@ -65,10 +65,15 @@ def run(args: argparse.Namespace) -> int:
     if preps is not None:
         _warn_if_scaled(x, preps[0])
     inputs = task_inputs(preps, x, model.input_shape)
+    method = None
     if args.task is not None:
         found = under_task(model, args.task, inputs(args.task))
     else:
-        found = infer_tasks(model, inputs)
+        try:
+            method = choose(model, getattr(args, "recogniser", None), str(args.model))
+        except ValueError as exc:
+            raise UsageError(f"--recogniser: {exc}") from None
+        found = infer_tasks(model, inputs, method)
     rows = _rows(names, found)
     seconds = time.perf_counter() - started
     if out is None:
@@ -76,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         _write(out, rows)
     print(
-        _summary(len(rows), model.num_tasks, args.task, found, seconds, out),
+        _summary(len(rows), model.num_tasks, args.task, found, seconds, out, method),
         file=sys.stderr if out is None else sys.stdout,
     )
     return 0
@@ -230,6 +235,7 @@ def _summary(
     found: Recognition,
     seconds: float,
     out: Path | None,
+    method: str | None = None,
 ) -> str:
     where = f"; wrote {out}" if out is not None else ""
     if task is not None:
@@ -237,6 +243,7 @@ def _summary(
     counts = Counter(found.task.tolist())
     spread = ", ".join(f"task {t}: {counts[t]}" for t in sorted(counts))
     return (
-        f"{n} inputs, tasks inferred by lowest entropy over {num_tasks} tasks ({spread}), "
+        f"{n} inputs, tasks inferred by the {method} recogniser over {num_tasks} tasks "
+        f"({spread}), "
         f"{seconds:.2f} s{where}"
     )

@@ -97,7 +97,7 @@ class Progress:
 
     def task_inference(self, task: int, figures: InferenceFigures) -> None:
         self.line(
-            f"task {task + 1} without task ids: task inferred right "
+            f"task {task + 1} without task ids ({figures.recogniser}): task inferred right "
             f"{figures.task_inference_acc:.2f}%, class-incremental acc "
             f"{figures.class_incremental_acc:.2f}%"
         )

@@ -82,6 +82,24 @@ def logits_of(net: PopulationNet, x: torch.Tensor | Split, batch_size: int) -> t
     return out
 
 
+@torch.no_grad()
+def outputs_of(
+    net: PopulationNet, x: torch.Tensor | Split, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [K, N, C], features [K, N, F])`` like :func:`logits_of`, with the same
+    chunking; the logits are the head on those features, exactly what the forward pass
+    computes (:meth:`PopulationNet.forward` is ``head(features(x))``)."""
+    was_training = net.training
+    net.eval()
+    logits, features = [], []
+    for c in [slice(i, i + batch_size) for i in range(0, len(x), batch_size)]:
+        f = net.features(x.inputs(c) if isinstance(x, Split) else x[c])
+        logits.append(net.head(f))
+        features.append(f)
+    net.train(was_training)
+    return torch.cat(logits, 1), torch.cat(features, 1)
+
+
 def population_loss(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over candidates of each one's mean cross-entropy, plus the per-candidate losses."""
     k, b, c = logits.shape

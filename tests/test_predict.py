@@ -1,6 +1,7 @@
 """Predicting without the data set: ``qpacknet predict`` and the pyfunc model, with a task id
-(exactly ``PackedModel.predict``) and without one (lowest-entropy task inference, exactly the
-rule behind results.json's figures), the input preparation recorded in the model file (raw
+(exactly ``PackedModel.predict``) and without one (task inference by the recogniser the model
+file has statistics for, exactly the rule behind results.json's figures; lowest entropy on
+request or for files without statistics), the input preparation recorded in the model file (raw
 input as the user has it -> the scenario's network input, bit for bit), and the usage errors."""
 
 from __future__ import annotations
@@ -92,13 +93,14 @@ def test_predict_without_task_is_the_lowest_entropy_task_of_the_reported_figures
     run: dict, tmp_path: Path, capsys
 ) -> None:
     model = PackedModel.load(run["out"] / "model.safetensors")
+    means = {"task_inference_acc": 0.0, "class_incremental_acc": 0.0}
     for j in range(2):
         out = tmp_path / f"j{j}.csv"
         rc, printed, _ = _predict(
             capsys, "--model", str(run["out"] / "model.safetensors"),
-            "--input", str(run["files"][j]), "--out", str(out),
+            "--input", str(run["files"][j]), "--out", str(out), "--recogniser", "entropy",
         )  # fmt: skip
-        assert rc == 0 and "tasks inferred by lowest entropy over 2 tasks" in printed
+        assert rc == 0 and "tasks inferred by the entropy recogniser over 2 tasks" in printed
         lines = out.read_text().splitlines()
         assert lines[0] == "input,class,task,confidence"
         cells = [line.split(",") for line in lines[1:]]
@@ -112,11 +114,37 @@ def test_predict_without_task_is_the_lowest_entropy_task_of_the_reported_figures
         expected = torch.where(entropy[1] < entropy[0], 1, 0)
         assert torch.equal(task, expected)
         assert torch.equal(klass, logits[expected, torch.arange(len(task))].argmax(-1))
-        reported = run["results"]["task_inference_per_task"][j]
         right = task == j
-        assert 100.0 * int(right.sum()) / len(task) == reported["task_inference_acc"]
         correct = right & (klass == split.y)
-        assert 100.0 * int(correct.sum()) / len(task) == reported["class_incremental_acc"]
+        means["task_inference_acc"] += 100.0 * int(right.sum()) / len(task) / 2
+        means["class_incremental_acc"] += 100.0 * int(correct.sum()) / len(task) / 2
+    assert means == run["results"]["task_inference"]["entropy"]
+
+
+def test_predict_without_task_defaults_to_the_reported_combined_recogniser(
+    run: dict, tmp_path: Path, capsys
+) -> None:
+    from qpacknet.recognise import infer_tasks
+
+    assert run["results"]["task_inference_recogniser"] == "combined"
+    model = PackedModel.load(run["out"] / "model.safetensors")
+    for j in range(2):
+        out = tmp_path / f"c{j}.json"
+        rc, printed, err = _predict(
+            capsys, "--model", str(run["out"]), "--input", str(run["files"][j]), "--out", str(out)
+        )
+        assert rc == 0 and "tasks inferred by the combined recogniser over 2 tasks" in printed
+        assert "note" not in err
+        rows = _rows(out)
+        split = run["stream"].test_split(j)
+        found = infer_tasks(model, split.x, "combined")
+        assert [r["task"] for r in rows] == found.task.tolist()
+        assert [r["class"] for r in rows] == found.prediction.tolist()
+        right = found.task == j
+        reported = run["results"]["task_inference_per_task"][j]
+        assert 100.0 * int(right.sum()) / len(right) == reported["task_inference_acc"]
+        correct = right & (found.prediction == split.y)
+        assert 100.0 * int(correct.sum()) / len(right) == reported["class_incremental_acc"]
 
 
 def test_the_model_file_records_the_digits_preparation(run: dict) -> None:
@@ -207,10 +235,15 @@ def test_pyfunc_model_predicts_with_and_without_params(run: dict, tmp_path: Path
     assert isinstance(given, np.ndarray) and np.array_equal(given, model.predict(1, x).numpy())
     inferred = served.predict(x.numpy())
     assert list(inferred.columns) == ["class", "task", "confidence"]
+    from qpacknet.recognise import infer_tasks
+
+    combined = infer_tasks(model, x, "combined")
+    assert np.array_equal(inferred["task"].to_numpy(), combined.task.numpy())
+    by_entropy = served.predict(x.numpy(), params={"recogniser": "entropy"})
     logits = torch.stack([model.logits(i, x) for i in range(2)])
     logp = torch.log_softmax(logits, -1)
     task = (-(logp.exp() * logp).sum(-1)).argmin(0)
-    assert np.array_equal(inferred["task"].to_numpy(), task.numpy())
+    assert np.array_equal(by_entropy["task"].to_numpy(), task.numpy())
     raw = served.predict(run["raw"][1].astype(np.float32), params={"raw": True})
     assert raw.equals(inferred)
     with pytest.raises(Exception, match=r"params.task=2: this model holds tasks 0..1"):
@@ -224,7 +257,7 @@ def test_an_older_model_file_takes_prepared_inputs(run: dict, tmp_path: Path, ca
     store._inputs.clear()
     old = tmp_path / "old.safetensors"
     save_store(store, old)
-    assert "input" not in old.read_bytes()[:4096].decode("latin1")
+    assert "input" not in _header(old)
     x = run["stream"].test_split(0).x
     new = PackedModel.load(run["out"] / "model.safetensors")
     for t in range(2):
@@ -237,6 +270,40 @@ def test_an_older_model_file_takes_prepared_inputs(run: dict, tmp_path: Path, ca
     assert "inputs are taken as prepared float network inputs of shape [64]" in err
     classes = [int(line.split(",")[1]) for line in table.splitlines()[1:]]
     assert classes == new.predict(0, x).tolist()
+
+
+def test_a_model_file_without_recognition_statistics_falls_back_to_entropy(
+    run: dict, tmp_path: Path, capsys
+) -> None:
+    """A file written before the statistics existed (tensors and header entry absent) loads
+    with bit-identical logits, and predict infers tasks by entropy, saying why once."""
+    store = load_store(run["out"] / "model.safetensors")
+    store._recognise.clear()
+    old = tmp_path / "old.safetensors"
+    save_store(store, old)
+    assert "recognise" not in _header(old)
+    assert "recognise" not in old.read_bytes()[:8192].decode("latin1")
+    x = run["stream"].test_split(1).x
+    new = PackedModel.load(run["out"] / "model.safetensors")
+    assert torch.equal(PackedModel.load(old).logits(1, x), new.logits(1, x))
+    rc, table, err = _predict(capsys, "--model", str(old), "--input", str(run["files"][1]))
+    assert rc == 0 and err.count("holds no task-recognition statistics") == 1
+    assert "by the entropy recogniser" in err
+    logits = torch.stack([new.logits(i, x) for i in range(2)])
+    logp = torch.log_softmax(logits, -1)
+    expected = (-(logp.exp() * logp).sum(-1)).argmin(0)
+    assert [int(line.split(",")[2]) for line in table.splitlines()[1:]] == expected.tolist()
+    rc, _, err = _predict(
+        capsys, "--model", str(old), "--input", str(run["files"][1]), "--recogniser", "input"
+    )
+    assert rc == 2 and "needs statistics that" in err and "entropy" in err
+
+
+def _header(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["qpacknet"])
 
 
 def _bad_input_entry(run: dict, tmp_path: Path) -> Path:
@@ -278,6 +345,12 @@ def test_predict_errors_exit_2_with_the_fix(
     damaged.write_bytes(b"\x00" * 64)
     cases.append((["--model", str(damaged), "--input", data], "damaged or incomplete"))
     cases.append((["--model", str(_bad_input_entry(run, tmp_path)), "--input", data], "'input'"))
+    cases.append(
+        (
+            ["--model", model, "--input", data, "--recogniser", "nope"],
+            "unknown task recogniser 'nope' (known: entropy, input, feature, combined)",
+        )
+    )
     np.savez(tmp_path / "wide.npz", x=np.zeros((3, 10), dtype=np.float32))
     cases.append((["--model", model, "--input", str(tmp_path / "wide.npz")], "give [N, 64]"))
     dead = f"http://127.0.0.1:{_closed_port()}"

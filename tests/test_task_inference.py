@@ -1,5 +1,7 @@
 """Class-incremental inference: the lowest-entropy task wins, figures match a brute-force
-recomputation from the saved model, and each (sub-network, test set) pair is evaluated once."""
+recomputation from the saved model (entropy by hand, the other recognisers through
+:func:`qpacknet.recognise.infer_tasks`), and each (sub-network, test set) pair is evaluated
+once."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from qpacknet.executor import LocalExecutor
@@ -14,6 +17,7 @@ from qpacknet.metrics import TaskInference
 from qpacknet.model import PackedModel
 from qpacknet.pipeline import MODEL_FILE, RESULTS_FILE, Pipeline
 from qpacknet.progress import Progress
+from qpacknet.recognise import infer_tasks
 from tests.conftest import BlobStream, tiny_config
 
 SURE = [9.0, 0.0, 0.0]  # low entropy, predicts class 0
@@ -84,8 +88,10 @@ def _brute_force(model: PackedModel, stream: BlobStream) -> tuple[list[float], l
 
 def test_pipeline_reports_task_inference_next_to_task_incremental(tmp_path: Path) -> None:
     stream = BlobStream(num_tasks=3)
-    pipe = Pipeline(tiny_config(), stream, LocalExecutor(), tmp_path, Progress(verbose=False))
+    config = tiny_config(inference={"recogniser": "entropy"})
+    pipe = Pipeline(config, stream, LocalExecutor(), tmp_path, Progress(verbose=False))
     res = pipe.run()
+    assert res["task_inference_recogniser"] == "entropy"
     on_disk = json.loads((tmp_path / RESULTS_FILE).read_text())
     assert on_disk["task_inference_acc"] == res["task_inference_acc"]
     ti, ci = _brute_force(PackedModel.load(tmp_path / MODEL_FILE), stream)
@@ -98,3 +104,16 @@ def test_pipeline_reports_task_inference_next_to_task_incremental(tmp_path: Path
     # every task's report carries the figures over the tasks learned so far
     assert res["tasks"][0]["task_inference_acc"] == 100.0
     assert res["tasks"][-1]["class_incremental_acc"] == res["class_incremental_acc"]
+    # the other recognisers' figures are those of infer_tasks on the saved model
+    model = PackedModel.load(tmp_path / MODEL_FILE)
+    assert list(res["task_inference"]) == ["entropy", "input", "feature", "combined"]
+    for method, figures in res["task_inference"].items():
+        right = class_right = 0.0
+        for j in range(3):
+            split = stream.test_split(j)
+            found = infer_tasks(model, split.x, method)
+            ok = found.task == j
+            right += 100.0 * int(ok.sum()) / len(ok) / 3
+            class_right += 100.0 * int((ok & (found.prediction == split.y)).sum()) / len(ok) / 3
+        assert figures["task_inference_acc"] == pytest.approx(right, abs=1e-9)
+        assert figures["class_incremental_acc"] == pytest.approx(class_right, abs=1e-9)

@@ -53,7 +53,7 @@ class PopulationAlexNet(ConvPopulationNet):
     def options(self) -> dict[str, object]:
         return {"width": self.width, "dropout": self.use_dropout}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.begin(x)
         rates = (CONV_DROPOUT, CONV_DROPOUT, FC_DROPOUT) if self.use_dropout else (0.0,) * 3
         for i, p in enumerate(rates):
@@ -65,4 +65,4 @@ class PopulationAlexNet(ConvPopulationNet):
         for i, name in enumerate(("fc1", "fc2")):
             h = torch.relu(self.norm_fc(self.linear(h, name), f"bn{i + 4}"))
             h = self.dropout(h, p_fc, site=3 + i)
-        return self.head(h)
+        return h

@@ -55,6 +55,19 @@ class PopulationNet(nn.Module):
     def describe(self) -> dict[str, object]:
         """JSON description from which :func:`qpacknet.nets.build_from_meta` rebuilds the net."""
 
+    @abstractmethod
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations ``[K, B, F]``: exactly what the task's head reads. Task
+        recognition (:mod:`qpacknet.recognise`) keeps per-task statistics of them."""
+
+    @abstractmethod
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The task's linear head on :meth:`features`: logits ``[K, B, classes]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[K, B, classes]``: the head on the penultimate features."""
+        return self.head(self.features(x))
+
     def theta(self, name: str) -> nn.Parameter:
         return self.thetas[self._mask_names[name]]
 
@@ -212,7 +225,7 @@ class PopulationMLP(PopulationNet):
             "num_classes": self.num_classes,
         }
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         x = x.reshape(b, -1)
         first, *rest = self._specs
@@ -221,6 +234,10 @@ class PopulationMLP(PopulationNet):
         h = torch.relu(h.reshape(b, self.k, first.shape[0]).transpose(0, 1))
         for spec in rest:
             h = torch.relu(torch.bmm(h, self.weight(spec.name).transpose(1, 2)))
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The task's linear head (with bias) on ``[K, B, F]``: logits ``[K, B, classes]``."""
         hw = self.task_param("head.weight")
         hb = self.task_param("head.bias")
         return torch.baddbmm(hb.unsqueeze(1), h, hw.transpose(1, 2))

@@ -71,7 +71,7 @@ class PopulationResNet18(ConvPopulationNet):
     def options(self) -> dict[str, object]:
         return {"width": self.width}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.begin(x)
         if self.variant == "reduced":
             x = self.conv(x, "conv1", stride=1, padding=1, first=True)
@@ -86,7 +86,7 @@ class PopulationResNet18(ConvPopulationNet):
             if project:
                 x = self.norm(self.conv(x, f"{name}.shortcut", stride, 0), f"{name}.shortcut_bn")
             x = torch.relu(out + x)
-        return self.head(self.flatten(_average_pool(x, self.pool)))
+        return self.flatten(_average_pool(x, self.pool))
 
 
 def _average_pool(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -37,11 +37,11 @@ class PopulationTinyNet(ConvPopulationNet):
     def options(self) -> dict[str, object]:
         return {"width": self.width}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.begin(x)
         for i in range(4):
             x = torch.relu(self.conv(x, f"conv{i + 1}", stride=2, padding=1, first=i == 0))
         h = self.flatten(x)
         for name in ("fc1", "fc2"):
             h = torch.relu(self.linear(h, name))
-        return self.head(h)
+        return h

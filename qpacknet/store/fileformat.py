@@ -25,6 +25,13 @@ Tensors (``{t}`` is the task id, ``{layer}`` a layer name verbatim, dots include
 ``task.{t}.shared.{layer}``
     only for a task that shares weights (TinySubNets option): uint8 bitset like the mask, the
     earlier tasks' weights it reads. Shared weights have no codes.
+``task.{t}.recognise.{name}``
+    only for a task with task-recognition statistics (:mod:`qpacknet.recognise`): float32
+    summaries of its training split, ``name`` one of ``input.mean``, ``input.var`` (``[P]``,
+    ``P`` network-input values), ``feature.means`` (``[C_t, D]``) and ``feature.whiten``
+    (``[D(D+1)/2]``). Growth per task: ``8 P`` bytes for the input statistics (6,272 for a
+    784-input MLP), ``4 (C_t D + D(D+1)/2)`` for the feature statistics (24,200 for D = 100,
+    C_t = 10), plus their header entries.
 
 Header: the safetensors string metadata holds one key, ``"qpacknet"``, whose value is a JSON
 document:
@@ -62,6 +69,13 @@ document:
     none (and in files written before it existed, which load as before); readers that predate
     it ignore it. It is not under the checksums: it changes no weight, and a damaged entry
     is reported when it is read.
+``recognise``
+    optional: ``{"version": 1, "tasks": [{name: shape} or null, ...]}``, per task the shapes
+    of its ``task.{t}.recognise.*`` tensors (null: the task has none). Absent in files written
+    before the statistics existed; those load without them and tasks are then inferred by
+    prediction entropy (:func:`qpacknet.recognise.choose` says so). The tensors are under the
+    checksums like every other. A reader that predates this entry refuses such a file
+    ("unexpected tensors").
 
 Writes are atomic: the file is written to a temporary name in the same directory, flushed and
 fsynced, then moved over ``path`` with :func:`os.replace`; a failure removes the temporary file
@@ -145,6 +159,7 @@ def _encode(store: PackedStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         tensors[NETWORKS_TENSOR] = torch.tensor(
             [store.network_of(t) for t in range(store.num_tasks)], dtype=torch.int64
         )
+    recognise = _encode_recognise(store, tensors)
     sharing = any(entry.get("shared") for entry in tasks)
     version = SHARING_VERSION if sharing else FORMAT_VERSION
     if store.num_networks > 1:
@@ -163,6 +178,8 @@ def _encode(store: PackedStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     inputs = [store.input_preparation(t) for t in range(store.num_tasks)]
     if any(doc is not None for doc in inputs):
         header["input"] = {"tasks": inputs}
+    if recognise is not None:
+        header["recognise"] = recognise
     return tensors, header
 
 
@@ -379,6 +396,7 @@ def load_store(path: str | os.PathLike[str]) -> PackedStore:
             store = _build_store(path, header)
             tasks = _check_tasks(path, header, store)
             expected = _expected_tensors(store, tasks)
+            expected.update(_expected_recognise(path, header, len(tasks)))
             present = set(handle.keys())
             missing = sorted(set(expected) - present)
             if missing:
@@ -453,6 +471,7 @@ def load_store(path: str | os.PathLike[str]) -> PackedStore:
     for t, doc in enumerate(_input_entries(path, header, len(tasks))):
         if doc is not None:
             store.set_input_preparation(t, doc)
+    _set_recognise(path, header, store, tensors)
     return store
 
 
@@ -469,3 +488,81 @@ def _input_entries(path: Path, header: dict[str, Any], num_tasks: int) -> list[A
     ):
         raise _fail(path, "header entry 'input' is malformed", _DAMAGED_FIX)
     return docs
+
+
+# task recognition (qpacknet.recognise): per-task statistics, tensors under the checksums -------
+
+RECOGNISE_VERSION = 1
+
+
+def _encode_recognise(store: PackedStore, tensors: dict[str, torch.Tensor]) -> Any:
+    """Add every task's recognition statistics to ``tensors``; the header entry describing
+    them, or None when no task has any."""
+    entries: list[dict[str, list[int]] | None] = []
+    for t in range(store.num_tasks):
+        stats = store.recognition_stats(t)
+        if stats is None:
+            entries.append(None)
+            continue
+        entries.append({name: list(value.shape) for name, value in sorted(stats.items())})
+        for name, value in stats.items():
+            tensors[_tensor_name(t, "recognise", name)] = value.contiguous()
+    if all(entry is None for entry in entries):
+        return None
+    return {"version": RECOGNISE_VERSION, "tasks": entries}
+
+
+def _shape_ok(shape: Any) -> bool:
+    return isinstance(shape, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    )
+
+
+def _recognise_entries(path: Path, header: dict[str, Any], num_tasks: int) -> list[Any]:
+    """The header's per-task statistics shapes (empty when the file records none)."""
+    entry = header.get("recognise")
+    if entry is None:
+        return []
+    docs = entry.get("tasks") if isinstance(entry, dict) else None
+    ok = (
+        isinstance(entry, dict)
+        and entry.get("version") == RECOGNISE_VERSION
+        and isinstance(docs, list)
+        and len(docs) <= num_tasks
+        and all(
+            doc is None
+            or (
+                isinstance(doc, dict)
+                and all(isinstance(k, str) and _shape_ok(v) for k, v in doc.items())
+            )
+            for doc in docs
+        )
+    )
+    if not ok:
+        raise _fail(path, "header entry 'recognise' is malformed", _DAMAGED_FIX)
+    return docs
+
+
+def _expected_recognise(
+    path: Path, header: dict[str, Any], num_tasks: int
+) -> dict[str, tuple[torch.dtype | None, tuple[int, ...] | None]]:
+    """The recognition tensors the header promises: float32, of the recorded shapes."""
+    expected: dict[str, tuple[torch.dtype | None, tuple[int, ...] | None]] = {}
+    for t, doc in enumerate(_recognise_entries(path, header, num_tasks)):
+        for name, shape in (doc or {}).items():
+            expected[_tensor_name(t, "recognise", name)] = (torch.float32, tuple(shape))
+    return expected
+
+
+def _set_recognise(
+    path: Path, header: dict[str, Any], store: PackedStore, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Give the rebuilt store its tasks' statistics (already checksummed)."""
+    for t, doc in enumerate(_recognise_entries(path, header, store.num_tasks)):
+        if doc is None:
+            continue
+        stats = {name: tensors[_tensor_name(t, "recognise", name)] for name in doc}
+        try:
+            store.set_recognition_stats(t, stats)
+        except StoreError as exc:
+            raise _fail(path, str(exc), _DAMAGED_FIX) from exc

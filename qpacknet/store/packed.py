@@ -128,6 +128,7 @@ class PackedStore:
         self._nets = [_Network.empty(self._layers)]
         self._tasks: list[_Task] = []
         self._inputs: dict[int, dict[str, Any]] = {}
+        self._recognise: dict[int, dict[str, torch.Tensor]] = {}
 
     @property
     def layers(self) -> tuple[LayerSpec, ...]:
@@ -538,3 +539,25 @@ class PackedStore:
         """Fraction ``d_tl`` of each layer's weights that task ``task`` owns (eq. 10's 1-Υ_l)."""
         record = self._task(task)
         return {s.name: int(record.masks[s.name].sum()) / s.numel for s in self._layers}
+
+    # task recognition --------------------------------------------------------------------------
+
+    def recognition_stats(self, task: int) -> dict[str, torch.Tensor] | None:
+        """Task ``task``'s task-recognition statistics (:mod:`qpacknet.recognise`: summaries of
+        its training split, computed at COMMIT), copies, or None where none were recorded
+        (files written before they were). Kept apart from the words: they never change a
+        logit, only which task an input without a task id is given to."""
+        self._task(task)
+        stats = self._recognise.get(task)
+        return None if stats is None else {k: v.clone() for k, v in stats.items()}
+
+    def set_recognition_stats(self, task: int, stats: dict[str, torch.Tensor]) -> None:
+        """Record task ``task``'s recognition statistics (float32 CPU copies); saved in the
+        model file under its checksums."""
+        from qpacknet.recognise import check_stats
+
+        self._task(task)
+        problem = check_stats(stats) if isinstance(stats, dict) else "not a dict of tensors"
+        if problem:
+            raise StoreError(f"task {task}: recognition statistics: {problem}")
+        self._recognise[task] = {k: v.detach().cpu().clone() for k, v in stats.items()}

@@ -2,8 +2,9 @@
 
 ``predict(x, params={"task": t})`` returns task ``t``'s predicted class per input (int64),
 exactly as :meth:`qpacknet.model.PackedModel.predict` does, as it always has. Without
-``params.task`` the task of every input is inferred (:mod:`qpacknet.recognise`, lowest
-prediction entropy) and the result is a DataFrame with columns ``class``, ``task`` and
+``params.task`` the task of every input is inferred (:mod:`qpacknet.recognise`, by
+``params.recogniser``: entropy, input, feature or combined; by default the strongest the
+model file has statistics for) and the result is a DataFrame with columns ``class``, ``task`` and
 ``confidence`` (the inferred task's softmax probability of that class), the output the
 signature declares. Inputs are network inputs (float32, the scenario's input shape); with
 ``params.raw`` they are raw inputs as the user has them (e.g. digits' 0..16 pixel values,
@@ -63,7 +64,7 @@ def _predict(self, context, model_input, params=None):  # type: ignore[no-untype
     import torch
 
     from qpacknet.preparation import of_store, task_inputs
-    from qpacknet.recognise import infer_tasks
+    from qpacknet.recognise import choose, infer_tasks
 
     params = params or {}
     task = params.get("task")
@@ -82,7 +83,12 @@ def _predict(self, context, model_input, params=None):  # type: ignore[no-untype
     inputs = task_inputs(preps, x, self.model.input_shape)
     if task is not None:
         return self.model.predict(int(task), inputs(int(task))).numpy()
-    found = infer_tasks(self.model, inputs)
+    method = params.get("recogniser") or None
+    if method is None:  # the strongest one the file has; said once if that is entropy
+        if getattr(self, "_recogniser", None) is None:
+            self._recogniser = choose(self.model, None)
+        method = self._recogniser
+    found = infer_tasks(self.model, inputs, method)
     return pd.DataFrame(
         {
             "class": found.prediction.numpy(),
@@ -107,7 +113,13 @@ def _signature(input_shape: tuple[int, ...]) -> Any:
         outputs=Schema(
             [ColSpec("long", "class"), ColSpec("long", "task"), ColSpec("float", "confidence")]
         ),
-        params=ParamSchema([ParamSpec("task", "long", None), ParamSpec("raw", "boolean", False)]),
+        params=ParamSchema(
+            [
+                ParamSpec("task", "long", None),
+                ParamSpec("raw", "boolean", False),
+                ParamSpec("recogniser", "string", None),
+            ]
+        ),
     )
 
 
