@@ -43,8 +43,9 @@ document:
     file instead of dropping the shared weights); ``3`` when the model has grown to several
     networks (a reader that predates networks would decode later tasks from the wrong words);
     ``4`` when a task has per-layer bit widths (a reader that predates them would unpack its
-    codes at the wrong width). In a version-4 file every task names its network. This reader
-    reads all four.
+    codes at the wrong width) or task-recognition statistics (a reader that predates them
+    would call their tensors damage instead of saying that the file is newer). In a version-4
+    file every task names its network. This reader reads all four.
 ``b_max``
     largest component width (the availability rule).
 ``layers``
@@ -127,7 +128,8 @@ def _encode(store: PackedStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     """The tensors and header document that describe ``store`` (codes read from its words)."""
     tensors: dict[str, torch.Tensor] = {}
     tasks = []
-    layer_widths = any(len(set(store.bit_widths(t).values())) > 1 for t in range(store.num_tasks))
+    version4 = any(len(set(store.bit_widths(t).values())) > 1 for t in range(store.num_tasks))
+    version4 |= any(store.recognition_stats(t) for t in range(store.num_tasks))
     for t in range(store.num_tasks):
         widths = store.bit_widths(t)
         masks, codes, books = store.mask(t), store.codes(t), store.codebooks(t)
@@ -152,10 +154,10 @@ def _encode(store: PackedStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]
                 tensors[_tensor_name(t, "shared", spec.name)] = pack_mask(shared[spec.name])
         if len(set(widths.values())) > 1:
             entry["bit_widths"] = widths
-        if store.num_networks > 1 or layer_widths:
+        if store.num_networks > 1 or version4:
             entry["network"] = store.network_of(t)
         tasks.append(entry)
-    if store.num_networks > 1 or layer_widths:
+    if store.num_networks > 1 or version4:
         tensors[NETWORKS_TENSOR] = torch.tensor(
             [store.network_of(t) for t in range(store.num_tasks)], dtype=torch.int64
         )
@@ -164,7 +166,7 @@ def _encode(store: PackedStore) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     version = SHARING_VERSION if sharing else FORMAT_VERSION
     if store.num_networks > 1:
         version = NETWORKS_VERSION
-    if layer_widths:
+    if version4:
         version = LAYER_WIDTHS_VERSION
     header = {
         "format": FORMAT_NAME,
