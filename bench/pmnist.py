@@ -6,6 +6,7 @@ not candidate training. Writes the full results plus a summary to ``--json``.
 
     python bench/pmnist.py --data-dir ../shared/data [--preset pmnist] [--set key=value ...]
         [--sharing]   # a second run with TinySubNets weight sharing, side by side
+        [--arm "LABEL=key=value;key=value" ...]   # more runs, side by side with the first
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def main() -> None:
         action="store_true",
         help="also run the same settings with TinySubNets weight sharing, for a side-by-side row",
     )
+    ap.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        help="another run with more overrides, 'LABEL=key=value;key=value', side by side",
+    )
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
 
@@ -73,6 +80,11 @@ def main() -> None:
     arms: list[tuple[str, list[str]]] = [(f"qpacknet {args.preset}", args.overrides)]
     if args.sharing:
         arms.append(("  + weight sharing", [*args.overrides, "sharing.enabled=true"]))
+    for arm in args.arm:
+        label, _, sets = arm.partition("=")
+        if not sets:
+            ap.error(f"--arm {arm!r}: expected LABEL=key=value;key=value")
+        arms.append((f"  + {label}", [*args.overrides, *sets.split(";")]))
     results: list[tuple[str, dict[str, Any]]] = []
     for i, (label, overrides) in enumerate(arms):
         res, pipe = run_arm(args.preset, overrides, args.data_dir, out / f"arm{i}", args.quiet)
@@ -98,12 +110,18 @@ def main() -> None:
         f"ratio ours/paper: ACC {base['acc'] / PAPER['acc']:.4f}, "
         f"capacity {base['capacity_pct'] / PAPER['capacity_pct']:.4f}"
     )
-    if len(results) > 1:
+    if args.sharing:
         shared = results[1][1]
         print(
             f"sharing on/off: ACC {shared['acc'] / base['acc']:.4f}, "
             f"capacity {shared['capacity_pct'] / base['capacity_pct']:.4f}, "
             f"bytes {shared['packed_bytes'] / base['packed_bytes']:.4f}"
+        )
+    for label, res in results[1:]:
+        print(
+            f"{label.strip()} / first: ACC {res['acc'] / base['acc']:.4f}, capacity "
+            f"{res['capacity_pct'] / base['capacity_pct']:.4f}, bytes "
+            f"{res['packed_bytes'] / base['packed_bytes']:.4f}"
         )
     for label, res in results:
         tp = res["throughput"]

@@ -219,6 +219,11 @@ class QuantizeConfig(_Strict):
         "data that train each width's centroids (every weight keeps its code) before the "
         "criterion judges it; 0: off (the paper)",
     )
+    finetune_target: Literal["float", "labels"] = Field(
+        "float",
+        description="what codebook fine-tuning fits: float (the float network's softmax on the "
+        "training inputs, KL divergence) or labels (cross-entropy)",
+    )
     finetune_lr: float = Field(
         1e-4, gt=0.0, le=1.0, description="Adam learning rate of codebook fine-tuning"
     )

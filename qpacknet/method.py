@@ -254,6 +254,10 @@ def quantize_winner(
         probe.load_candidate(0, dense, masks, state)
         return val_figures(logits_of(probe, val, batch)[0], val.y, float_pred)
 
+    targets = None
+    if q.finetune_epochs and q.finetune_target == "float" and train is not None:
+        targets = logits_of(single, train, batch)[0]
+
     def tune(books: dict[str, Codebook]) -> dict[str, Codebook]:
         assert train is not None
         return tune_codebooks(
@@ -267,6 +271,7 @@ def quantize_winner(
             batch_size=cfg.train.batch_size,
             seed=cfg.seed,
             task=task,
+            targets=targets,
         )
 
     if q.finetune_epochs and train is None:

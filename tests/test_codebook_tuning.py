@@ -63,6 +63,30 @@ def test_centroids_train_codes_and_head_stay() -> None:
     assert tuned_loss < before_loss
 
 
+def test_float_target_brings_back_the_float_networks_function() -> None:
+    """``finetune_target=float``: the centroids move to shrink the KL divergence from the float
+    network's softmax on the training inputs, not to fit the labels."""
+    worker, stream = _trained()
+    assert worker.single is not None
+    weights, masks, state = worker.single.candidate(0)
+    split = worker.train_split
+    targets = logits_of(worker.single, split, 8192)[0]
+    books = {n: kmeans_1d(w[masks[n]], 2) for n, w in weights.items()}
+    probe = build(worker.cfg.net, stream.input_shape, stream.num_classes, 1)
+    kwargs = {"epochs": 2, "lr": 1e-3, "batch_size": 16, "seed": 3, "task": 0}
+
+    def kl(b: dict) -> float:
+        probe.load_candidate(0, dequantize(b, masks, weights), masks, state)
+        got = F.log_softmax(logits_of(probe, split, 8192)[0], -1)
+        want = F.log_softmax(targets, -1)
+        return float(F.kl_div(got, want, log_target=True, reduction="batchmean"))
+
+    distilled = tune_codebooks(probe, books, masks, state, split, targets=targets, **kwargs)
+    labelled = tune_codebooks(probe, books, masks, state, split, **kwargs)
+    assert kl(distilled) < kl(books)
+    assert kl(distilled) < kl(labelled)
+
+
 def test_quantize_commits_the_tuned_codebooks_it_judged() -> None:
     worker, stream = _trained(finetune_epochs=1, finetune_lr=1e-3)
     assert worker.single is not None
@@ -71,9 +95,10 @@ def test_quantize_commits_the_tuned_codebooks_it_judged() -> None:
     assert q.finetune_epochs == 1 and q.within_delta
     probe = build(worker.cfg.net, stream.input_shape, stream.num_classes, 1)
     books = {n: kmeans_1d(w[masks[n]], q.bit_width) for n, w in weights.items()}
+    targets = logits_of(worker.single, worker.train_split, 8192)[0]
     expected = tune_codebooks(
         probe, books, masks, state, worker.train_split,
-        epochs=1, lr=1e-3, batch_size=16, seed=3, task=0,
+        epochs=1, lr=1e-3, batch_size=16, seed=3, task=0, targets=targets,
     )  # fmt: skip
     for name in masks:
         assert torch.equal(q.codebooks[name], expected[name].centroids)
