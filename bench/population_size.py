@@ -68,6 +68,34 @@ def summary(rows: list[dict[str, Any]], key: str) -> str:
     )
 
 
+COLUMNS = (
+    ("acc", "test ACC %"),
+    ("val_acc", "val ACC %"),
+    ("capacity_pct", "capacity %"),
+    ("sparsity", "sparsity Υ"),
+    ("bits", "bits/task"),
+    ("winner_val_acc", "winner A_i %"),
+    ("best_val_acc", "best A_i %"),
+    ("seconds", "seconds"),
+)
+
+
+def table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """Per population size, the mean [min-max] over seeds of every column. ``winner A_i`` is
+    the winners' validation accuracy after SEARCH's short training (mean over tasks), ``best
+    A_i`` the best candidate's: how much better a candidate the population held than the one
+    the α/β score (eq. 8) kept."""
+    seeds = sorted({r["seed"] for r in rows})
+    print()
+    print(f"{args.preset}, {args.tasks} tasks, seeds {seeds}: mean [min-max] over seeds")
+    print("  P_S   " + "  ".join(f"{title:<20}" for _, title in COLUMNS))
+    for size in args.sizes:
+        mine = [r for r in rows if r["size"] == size]
+        if mine:
+            cols = [summary(mine, key) if key in mine[0] else "-" for key, _ in COLUMNS]
+            print(f"  {size:4d}  " + "  ".join(f"{c:<20}" for c in cols) + f" ({len(mine)} runs)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="pmnist-quick")
@@ -78,7 +106,12 @@ def main() -> int:
     ap.add_argument("--executor", choices=["local", "ray"], default="local")
     ap.add_argument("--json", help="write every run's figures here (after each run)")
     ap.add_argument("--set", action="append", default=[], help="more overrides, e.g. threads=1")
+    ap.add_argument("--report", help="only print the table of a JSON this bench wrote")
     args = ap.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        table(argparse.Namespace(**saved["args"]), saved["runs"])
+        return 0
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:  # sizes inside seeds: machine drift hits every size alike
@@ -95,15 +128,7 @@ def main() -> int:
                     Path(args.json).write_text(
                         json.dumps({"args": vars(args), "runs": rows}, indent=2) + "\n"
                     )
-    print()
-    print(f"{args.preset}, {args.tasks} tasks, seeds {args.seeds}: mean [min-max] over seeds")
-    print("  P_S   test ACC %        val ACC %         capacity %        sparsity Υ"
-          "        bits/task        seconds")  # fmt: skip
-    for size in args.sizes:
-        mine = [r for r in rows if r["size"] == size]
-        cols = [summary(mine, k) for k in ("acc", "val_acc", "capacity_pct", "sparsity",
-                                             "bits", "seconds")]  # fmt: skip
-        print(f"  {size:4d}  " + "  ".join(f"{c:<16}" for c in cols))
+    table(args, rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": rows}, indent=2) + "\n")
     return 0
