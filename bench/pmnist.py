@@ -21,6 +21,7 @@ from qpacknet.executor import LocalExecutor
 from qpacknet.fileio import atomic_write_json
 from qpacknet.pipeline import Pipeline, resolve_device
 from qpacknet.progress import Progress
+from qpacknet.quantize import report_widths
 from qpacknet.scenarios import build_stream
 
 PAPER = {"acc": 97.1, "capacity_pct": 81.25, "bwt": 0.0}
@@ -43,14 +44,6 @@ def row(label: str, res: dict[str, Any]) -> str:
         f"{res['task_inference_acc']:8.2f}{res['class_incremental_acc']:8.2f}"
         f"{res['seconds_total']:9.1f}"
     )
-
-
-def _widths(task: dict[str, Any]) -> str:
-    """``7``, or ``fc0 4/fc1 6`` for a task with per-layer widths."""
-    widths = task.get("bit_widths") or {}
-    if len(set(widths.values())) > 1:
-        return "/".join(f"{name} {w}" for name, w in widths.items())
-    return str(task["bit_width"])
 
 
 def main() -> None:
@@ -126,7 +119,7 @@ def main() -> None:
     for label, res in results:
         tp = res["throughput"]
         print(
-            f"{label.strip()}: bits per task {[_widths(t) for t in res['tasks']]}; "
+            f"{label.strip()}: bits per task {[report_widths(t) for t in res['tasks']]}; "
             f"{tp['candidate_epochs_per_second']:.2f} candidate-epochs/s; "
             f"{100 * tp['non_training_fraction']:.1f}% of wall time outside SEARCH+TRAIN "
             "(stages: "

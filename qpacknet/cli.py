@@ -453,7 +453,9 @@ def _summary(results: dict[str, Any], pipeline: Any, out: Path) -> None:
     print("accuracy matrix R[i][j] (test %, row i = after task i):")
     print(pipeline.matrix.table())
     print()
-    bits = " ".join(str(t["bit_width"]) for t in results["tasks"])
+    from qpacknet.quantize import report_widths
+
+    bits = " ".join(report_widths(t) for t in results["tasks"])
     tp = results["throughput"]
     print(
         f"ACC {results['acc']:.2f}% (validation {results['val_acc']:.2f}%)  "

@@ -230,8 +230,9 @@ def quantize_winner(
     cfg: RunConfig,
     candidate: int,
     q_float: float,
-    train: Split | None = None,
-    task: int = 0,
+    *,
+    train: Split | None,
+    task: int,
 ) -> Generator[tuple[str, ValFigures, str], None, QuantizedTask]:
     """Algorithm 3 on the trained winner ``single``: for ψ = ψ_min … b_max quantise every
     layer's owned weights to a ``2^ψ``-centroid k-means codebook (Algorithm 2), load them into

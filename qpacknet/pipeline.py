@@ -608,7 +608,11 @@ class Pipeline:
     def _check_quantized(self, q: QuantizedTask, winner: int) -> None:
         qc = self.config.quantize
         widths = q.widths.values()
-        if q.candidate != winner or not all(qc.psi_min <= w <= qc.b_max for w in widths):
+        if (
+            q.candidate != winner
+            or not all(qc.psi_min <= w <= qc.b_max for w in widths)
+            or q.bit_width != max(widths)
+        ):
             raise RuntimeError(
                 f"QUANTIZE returned candidate {q.candidate} at {describe_widths(q.widths)} "
                 f"bits for winner {winner}"

@@ -254,11 +254,15 @@ def bit_width_steps(
 
     With ``tune`` (codebook fine-tuning), every assignment's k-means codebooks are tuned
     before they are judged, so that narrower widths can pass. k-means is deterministic, so a
-    layer's codebook at a width is computed once and reused by later trials.
+    layer's codebook at a width is computed once and reused by later trials, and an assignment
+    is judged once. The per-layer pass costs at most ``Σ_l (b_l - ψ_min + 1)`` more trials,
+    each with its fine-tuning epochs: a few for an MLP's two or three layers, tens for a
+    ResNet-18's, which QUANTIZE's progress lines show one by one.
     """
     tried: list[tuple[int, ValFigures]] = []
     tried_widths: list[Widths] = []
     kmeans: dict[tuple[str, int], Codebook] = {}
+    judged: dict[tuple[tuple[str, int], ...], tuple[ValFigures, dict[str, Codebook]]] = {}
 
     def trial(widths: Widths) -> tuple[ValFigures, dict[str, Codebook]]:
         books = {}
@@ -272,6 +276,7 @@ def bit_width_steps(
         figures = evaluate(dequantize(books, masks, weights))
         tried.append((max(widths.values()), figures))
         tried_widths.append(dict(widths))
+        judged[tuple(sorted(widths.items()))] = (figures, books)
         return figures, books
 
     chosen: tuple[Widths, ValFigures, dict[str, Codebook]] | None = None
@@ -292,8 +297,12 @@ def bit_width_steps(
         for name in sorted(weights, key=lambda n: (-owned[n], n)):
             while chosen[0][name] > psi_min:
                 widths = {**chosen[0], name: chosen[0][name] - 1}
-                figures, books = trial(widths)
-                yield widths, figures
+                seen = judged.get(tuple(sorted(widths.items())))
+                if seen is not None:  # e.g. every layer one below Algorithm 3's width: refused
+                    figures, books = seen
+                else:
+                    figures, books = trial(widths)
+                    yield widths, figures
                 if not criterion.accepts(reference, figures):
                     break
                 chosen = (widths, figures, books)
@@ -311,6 +320,14 @@ def _result(
     return QuantResult(
         max(widths.values()), reference, figures, within, tried, books, dict(widths), tried_widths
     )
+
+
+def report_widths(task: dict[str, object]) -> str:
+    """A results.json task's widths for summaries: ``7``, or ``fc0 4/fc1 6`` per layer."""
+    widths = task.get("bit_widths")
+    if isinstance(widths, dict) and len(set(widths.values())) > 1:
+        return "/".join(f"{name} {w}" for name, w in widths.items())
+    return str(task["bit_width"])
 
 
 def describe_widths(widths: Widths) -> str:

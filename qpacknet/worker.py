@@ -196,7 +196,7 @@ class CandidateWorker:
             yield StepDone(
                 "quantize",
                 self.ctx.task,
-                f"{bits}-bit codebooks{tuned} ({seen}), val acc",
+                f"codebooks at {bits} bits{tuned} ({seen}), val acc",
                 perturbed(fig.acc),
                 time.time(),
                 self.where,

@@ -175,6 +175,18 @@ def test_per_layer_search_lowers_each_layer_while_the_criterion_accepts() -> Non
         *({"big": b, "small": 5} for b in (4, 3, 2, 1)),
         {"big": 2, "small": 4},
     ]
+    seen.clear()
+    needs_small = _figures_needing({"big": 1, "small": 5}, seen)
+    res = search_bit_width(weights, masks, needs_small, ref, 1, 8, crit, per_layer=True)
+    assert res.widths == {"big": 1, "small": 5}
+    seen.clear()
+    needs_four = _figures_needing({"big": 4, "small": 5}, seen)
+    res = search_bit_width(weights, masks, needs_four, ref, 1, 8, crit, per_layer=True)
+    assert res.widths == {"big": 4, "small": 5}
+    # big 4 passes, big 3 is refused; small 4 would be {4, 4}, which Algorithm 3 refused:
+    # not judged (nor fine-tuned) again
+    assert res.tried_widths[5:] == [{"big": 4, "small": 5}, {"big": 3, "small": 5}]
+    assert len(seen) == len(res.tried_widths)
     assert seen == res.tried_widths
     assert [b for b, _ in res.tried] == [max(w.values()) for w in res.tried_widths]
     nothing = search_bit_width(

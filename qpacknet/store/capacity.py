@@ -30,6 +30,7 @@ and its tasks. A single-network model has one entry equal to the total.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from qpacknet.store.packed import WORD_BITS, PackedStore
@@ -71,10 +72,10 @@ class CapacityReport:
     networks: list[NetworkCapacity] = field(default_factory=list)
 
 
-def task_bits(owned: list[int], bit_width: int | list[int]) -> int:
+def task_bits(owned: Sequence[int], bit_width: int | Sequence[int]) -> int:
     """``CAP_t`` in bits from the task's owned-weight count per prunable layer (eq. 10), at one
     width for every layer or a width per layer (in the order of ``owned``)."""
-    widths = bit_width if isinstance(bit_width, list) else [bit_width] * len(owned)
+    widths = [bit_width] * len(owned) if isinstance(bit_width, int) else list(bit_width)
     return sum(n * b + (1 << b) * (WORD_BITS + b) + n for n, b in zip(owned, widths, strict=True))
 
 

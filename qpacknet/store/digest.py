@@ -29,9 +29,10 @@ device, strides and host byte order of the input do not matter. Per kind:
     :meth:`PackedStore.shared` then answers all-False masks, so the store cannot tell the two
     apart and neither does the digest.
 
-Layout: the tag, ``bit_width`` as 8 bytes (with per-layer widths that differ: 0, then each
-layer's name and width in sorted name order; widths that are all equal hash as that one
-width, as the store cannot tell them apart), then the sections ``mask``, ``codes``, ``codebook``,
+Layout: the tag, ``bit_width`` as 8 bytes (with per-layer widths that differ: 0, then the
+tag ``widths``, the layer count and each layer's name and width in sorted name order; widths
+that are all equal hash as that one width, as the store cannot tell them apart), then the
+sections ``mask``, ``codes``, ``codebook``,
 ``state`` and (if present) ``shared``, each as its kind and entry count, followed by its entries in
 sorted key order; an entry is its kind, key, canonical dtype name, ``ndim``, the dims and the byte
 count, all length-prefixed (8-byte little-endian integers), then the bytes. The prefixes make the
@@ -150,6 +151,8 @@ def task_digest(
 
 
 def _widths(hasher: Any, bit_width: int | Mapping[str, int]) -> None:
+    if isinstance(bit_width, Mapping) and not bit_width:
+        raise StoreError("digest: per-layer bit widths must name at least one layer")
     widths = dict(bit_width) if isinstance(bit_width, Mapping) else {"": bit_width}
     for width in widths.values():
         if isinstance(width, bool) or not isinstance(width, int):
@@ -158,7 +161,7 @@ def _widths(hasher: Any, bit_width: int | Mapping[str, int]) -> None:
     if len(distinct) <= 1:
         hasher.update(_u64(distinct.pop() if distinct else 0))
         return
-    hasher.update(_u64(0))
+    hasher.update(_u64(0) + _field("widths") + _u64(len(widths)))
     for name in sorted(widths):
         if not isinstance(name, str):
             raise StoreError(f"digest: layer names must be strings, got {name!r}")

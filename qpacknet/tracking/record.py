@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from qpacknet.quantize import report_widths
+
 DIGITS = 4
 EXPERIMENT_NOTE = (
     "qpacknet continual-learning runs (Ada-QPacknet: adaptive pruning and non-linear "
@@ -113,7 +115,11 @@ def task_metrics(
 
 
 def task_params(report: dict[str, Any]) -> dict[str, str]:
-    return {"winner": str(report["winner"]), "bit_width": str(report["bit_width"])}
+    params = {"winner": str(report["winner"]), "bit_width": str(report["bit_width"])}
+    widths = report.get("bit_widths") or {}
+    if len(set(widths.values())) > 1:
+        params.update({f"bit_width.{name}": str(w) for name, w in widths.items()})
+    return params
 
 
 def task_tags(report: dict[str, Any], row: list[float], parent_run_id: str) -> dict[str, str]:
@@ -145,7 +151,7 @@ def task_note(report: dict[str, Any], row: list[float]) -> str:
     )
     return (
         f"Task {t + 1}: {search}; trained to {rep['float_acc']:.2f} % validation accuracy, "
-        f"quantised to {rep['bit_width']} bits ({rep['quant_acc']:.2f} %), test accuracy "
+        f"quantised to {report_widths(rep)} bits ({rep['quant_acc']:.2f} %), test accuracy "
         f"{row[t]:.2f} %, {rep['capacity_pct']:.2f} % of the network's capacity"
         + (f", network {rep['network']}" if rep.get("network") else "")
         + "."
@@ -275,7 +281,7 @@ def origin_tags(command: str) -> dict[str, str]:
 
 
 def run_note(results: dict[str, Any], scenario: str, preset: str | None, out_dir: str) -> str:
-    bits = " ".join(str(t["bit_width"]) for t in results["tasks"])
+    bits = " ".join(report_widths(t) for t in results["tasks"])
     nets = len(results.get("networks", [])) or 1
     return (
         f"{len(results['tasks'])} tasks of {scenario} ({preset or 'custom settings'}) learned "
