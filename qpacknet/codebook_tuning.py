@@ -22,7 +22,9 @@ Training runs in evaluation mode: batch-norm layers keep the running statistics 
 result depends on the seed, the task, the width and the data only. Adam, because a centroid's
 summed gradient scales with how many weights share it (from a handful to thousands), which
 plain SGD would turn into steps of very different size; batch order is keyed by
-(seed, task, "codebook", epoch), the same for every width tried.
+(seed, task, "codebook", epoch), the same for every width tried. The centroid gradients are
+summed with ``index_add_``, which is deterministic on the CPU and, on CUDA, under the
+deterministic-algorithms mode that :func:`qpacknet.devices.configure` turns on.
 """
 
 from __future__ import annotations
