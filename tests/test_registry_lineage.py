@@ -185,3 +185,28 @@ def test_extending_a_run_whose_last_version_was_learned_on_refuses_to_fork(
     )
     assert chain == [(1, ""), (2, "1")]
     assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "2"
+
+
+def test_learned_lineage_reads_the_checkpoint_and_refuses_a_damaged_one(tmp_path: Path) -> None:
+    """A resumed learn attaches to the version its checkpoint names; a run dir without a
+    checkpoint, or one no learn wrote, has none; a damaged ``learned_from`` stops with exit 2
+    instead of registering without the parent check (which could fork the lineage)."""
+    from qpacknet.checkpoint import save_checkpoint
+    from qpacknet.errors import ModelFileError
+    from qpacknet.tracking.tracker import learned_lineage
+
+    assert learned_lineage(tmp_path) is None
+    base = {"config": {}, "matrix": [], "tasks": [], "seconds": 0.0}
+    save_checkpoint(tmp_path, base)
+    assert learned_lineage(tmp_path) is None
+    learned = {"version": "3", "from_latest": True, "tasks": 3}
+    save_checkpoint(tmp_path, {**base, "learned_from": learned})
+    lineage = learned_lineage(tmp_path)
+    assert lineage is not None and (lineage.parent, lineage.from_latest) == ("3", True)
+    assert lineage.first_task == 3
+    save_checkpoint(tmp_path, {**base, "learned_from": {"version": "3"}})
+    with pytest.raises(ModelFileError, match=r"learned_from is damaged.*new --out"):
+        learned_lineage(tmp_path)
+    (tmp_path / "checkpoint.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="is damaged"):
+        learned_lineage(tmp_path)

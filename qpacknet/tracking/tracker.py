@@ -21,7 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from qpacknet.checkpoint import load_checkpoint
 from qpacknet.config import RunConfig, TrackingConfig, flatten
+from qpacknet.errors import ModelFileError
 from qpacknet.events import Event
 from qpacknet.fileio import atomic_write_json
 from qpacknet.layout import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE
@@ -433,14 +435,14 @@ class MlflowTracker(RunObserver):
 
 def learned_lineage(out_dir: Path) -> Lineage | None:
     """Where a ``qpacknet learn`` work dir attaches (its checkpoint's ``learned_from``), so
-    that a resumed learn still registers its task as the child of the version it extends."""
-    try:
-        state = json.loads((out_dir / CHECKPOINT_FILE).read_text())
-    except (OSError, ValueError):
-        return None  # no checkpoint yet (a new run); a damaged one the pipeline refuses
-    learned = state.get("learned_from") if isinstance(state, dict) else None
+    that a resumed learn still registers its task as the child of the version it extends.
+    None for a run dir without a checkpoint or one that no learn wrote; a damaged checkpoint
+    or ``learned_from`` raises :class:`ModelFileError` (exit 2): registering without the
+    parent check could fork the model's lineage."""
+    state = load_checkpoint(out_dir)
+    learned = state.get("learned_from") if state is not None else None
     if not learned:
-        return None  # not a learn's work dir
+        return None
     try:
         if not learned.get("version"):
             return None  # learned from runs:/…, which names no version to be the parent
@@ -450,11 +452,9 @@ def learned_lineage(out_dir: Path) -> Lineage | None:
             str(out_dir),
             int(learned["tasks"]),
         )
-    except (AttributeError, KeyError, TypeError, ValueError):
-        log.warning(
-            "%s: learned_from is damaged (%r); this learn's version is registered without "
-            "the parent check",
-            out_dir / CHECKPOINT_FILE,
-            learned,
-        )
-        return None
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(
+            f"{out_dir / CHECKPOINT_FILE}: learned_from is damaged ({learned!r}); the version "
+            "this learn extends is unknown, so it cannot be registered safely. Fix: start the "
+            "learn again with a new --out"
+        ) from exc
