@@ -37,6 +37,7 @@ from qpacknet.quantize import (
     Codebook,
     Criterion,
     QuantResult,
+    Tune,
     ValFigures,
     Widths,
     bit_width_steps,
@@ -255,28 +256,30 @@ def quantize_winner(
         probe.load_candidate(0, dense, masks, state)
         return val_figures(logits_of(probe, val, batch)[0], val.y, float_pred)
 
-    targets = None
-    if q.finetune_epochs and q.finetune_target == "float" and train is not None:
-        targets = logits_of(single, train, batch)[0]
+    tune: Tune | None = None
+    if q.finetune_epochs:
+        if train is None:
+            raise ValueError("codebook fine-tuning (finetune_epochs) needs the train split")
+        split = train
+        targets = logits_of(single, split, batch)[0] if q.finetune_target == "float" else None
 
-    def tune(books: dict[str, Codebook]) -> dict[str, Codebook]:
-        assert train is not None
-        return tune_codebooks(
-            probe,
-            books,
-            masks,
-            state,
-            train,
-            epochs=q.finetune_epochs,
-            lr=q.finetune_lr,
-            batch_size=cfg.train.batch_size,
-            seed=cfg.seed,
-            task=task,
-            targets=targets,
-        )
+        def tune_split(books: dict[str, Codebook]) -> dict[str, Codebook]:
+            return tune_codebooks(
+                probe,
+                books,
+                masks,
+                state,
+                split,
+                epochs=q.finetune_epochs,
+                lr=q.finetune_lr,
+                batch_size=cfg.train.batch_size,
+                seed=cfg.seed,
+                task=task,
+                targets=targets,
+            )
 
-    if q.finetune_epochs and train is None:
-        raise ValueError("codebook fine-tuning (quantize.finetune_epochs) needs the train split")
+        tune = tune_split
+
     criterion = Criterion(q.criterion, q.delta, q.loss_tolerance, q.min_agreement)
     steps = bit_width_steps(
         weights,
@@ -288,7 +291,7 @@ def quantize_winner(
         criterion,
         q.kmeans_iters,
         per_layer=q.per_layer,
-        tune=tune if q.finetune_epochs else None,
+        tune=tune,
     )
     while True:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -322,20 +322,17 @@ def _result(
     )
 
 
-def report_widths(task: dict[str, object]) -> str:
+def report_widths(task: dict[str, Any]) -> str:
     """A results.json task's widths for summaries: ``7``, or ``fc0 4/fc1 6`` per layer."""
-    widths = task.get("bit_widths")
-    if isinstance(widths, dict) and len(set(widths.values())) > 1:
-        return "/".join(f"{name} {w}" for name, w in widths.items())
-    return str(task["bit_width"])
+    return describe_widths(task.get("bit_widths") or {"": task["bit_width"]}, sep="/")
 
 
-def describe_widths(widths: Widths) -> str:
+def describe_widths(widths: Widths, sep: str = ", ") -> str:
     """``4`` for one width, ``fc0 3, fc1 5`` for per-layer widths (progress lines)."""
     distinct = set(widths.values())
     if len(distinct) == 1:
         return str(distinct.pop())
-    return ", ".join(f"{name} {w}" for name, w in widths.items())
+    return sep.join(f"{name} {w}" for name, w in widths.items())
 
 
 def dequantize(

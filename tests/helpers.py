@@ -6,6 +6,7 @@ Fixtures and the tiny streams live in ``conftest.py``; these are plain functions
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,15 +15,16 @@ import torch
 
 from qpacknet.cli import main
 from qpacknet.config import RunConfig, TrainConfig
-from qpacknet.executor import LocalExecutor
+from qpacknet.executor import LocalExecutor, drive
 from qpacknet.layerspec import LayerSpec
 from qpacknet.model import PackedModel
-from qpacknet.nets import PopulationNet
+from qpacknet.nets import PopulationNet, build
 from qpacknet.pipeline import MODEL_FILE, Pipeline
 from qpacknet.progress import Progress
 from qpacknet.scenarios.base import Split, TaskStream
+from qpacknet.scenarios.digits import PermutedDigits
 from qpacknet.train import EpochReport, fit
-from qpacknet.worker import TaskContext
+from qpacknet.worker import CandidateWorker, TaskContext
 from tests.conftest import tiny_config
 
 
@@ -143,3 +145,25 @@ def learn_one_more_task(
         split = stream.test_split(j)
         assert torch.equal(after.split_logits(j, split), before.split_logits(j, split)), j
     return after
+
+
+@functools.cache
+def _trained_digits() -> tuple[CandidateWorker, PermutedDigits]:
+    stream = PermutedDigits(num_tasks=1, seed=3)
+    cfg = tiny_config(quantize={"criterion": "accuracy", "delta": 0.5})
+    specs = build(cfg.net, stream.input_shape, stream.num_classes, 1).layer_specs
+    ctx = TaskContext(cfg, 0, stream.input_shape, stream.num_classes, all_available(specs))
+    worker = CandidateWorker(ctx, *stream.fit_splits(0))
+    drive(worker.search([0, 1]), None)
+    drive(worker.train(1), None)
+    return worker, stream
+
+
+def trained_digits_worker(**quantize: object) -> tuple[CandidateWorker, PermutedDigits]:
+    """A worker holding the trained winner of one small digits task (trained once per test
+    process), with ``quantize`` settings over the paper's test with δ = 0.5: QUANTIZE reads
+    the config only when it runs, so every test quantises the same float network."""
+    worker, stream = _trained_digits()
+    base = worker.ctx.config
+    worker.cfg = base.model_copy(update={"quantize": base.quantize.model_copy(update=quantize)})
+    return worker, stream

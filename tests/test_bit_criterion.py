@@ -18,9 +18,7 @@ from qpacknet.nets import build
 from qpacknet.quantize import Criterion, ValFigures, kmeans_1d, search_bit_width, val_figures
 from qpacknet.scenarios import PermutedDigits
 from qpacknet.train import evaluate
-from qpacknet.worker import CandidateWorker, TaskContext
-from tests.conftest import tiny_config
-from tests.helpers import all_available
+from tests.helpers import trained_digits_worker
 
 # A linear classifier on one-hot inputs: logits of x_i are column i of W. Both inputs are
 # right with margin 2. One bit (k-means: {0, 0, 1, 1} -> 0.5 and {2, 2} -> 2) keeps both right
@@ -113,22 +111,11 @@ def test_quantize_settings_default_and_bounds(
     assert Criterion(q.criterion, q.delta, q.loss_tolerance, q.min_agreement).name == "agreement"
 
 
-def _trained_worker(criterion: str) -> tuple[CandidateWorker, PermutedDigits]:
-    stream = PermutedDigits(num_tasks=1, seed=3)
-    cfg = tiny_config(quantize={"criterion": criterion, "delta": 0.5})
-    specs = build(cfg.net, stream.input_shape, stream.num_classes, 1).layer_specs
-    ctx = TaskContext(cfg, 0, stream.input_shape, stream.num_classes, all_available(specs))
-    worker = CandidateWorker(ctx, *stream.fit_splits(0))
-    drive(worker.search([0, 1]), None)
-    drive(worker.train(1), None)
-    return worker, stream
-
-
 def test_paper_criterion_reproduces_algorithm_3_on_a_trained_network() -> None:
     """With ``criterion=accuracy`` the worker picks what Algorithm 3 written out with the
     training loop's own accuracy picks, from the same accuracies; its float test accuracy is the
     trained network's on the test split (reported only)."""
-    worker, stream = _trained_worker("accuracy")
+    worker, stream = trained_digits_worker(criterion="accuracy")
     assert worker.single is not None and worker.float_acc is not None
     weights, masks, state = worker.single.candidate(0)
     probe = build(worker.cfg.net, stream.input_shape, stream.num_classes, 1)
@@ -155,9 +142,9 @@ def test_paper_criterion_reproduces_algorithm_3_on_a_trained_network() -> None:
 def test_loss_criterion_on_a_trained_network_spends_no_fewer_bits() -> None:
     """The same trained network: the loss criterion accepts no narrower width than the paper's
     (it adds a test), and the width it accepts keeps the loss within the tolerance."""
-    worker, stream = _trained_worker("accuracy")
+    worker, stream = trained_digits_worker(criterion="accuracy")
     paper = drive(worker.quantize(stream.test_split(0)), None)
-    worker, stream = _trained_worker("loss")
+    worker, stream = trained_digits_worker(criterion="loss")
     q = drive(worker.quantize(stream.test_split(0)), None)
     assert q.bit_width >= paper.bit_width
     assert q.quant_loss <= q.float_loss + 0.01 and q.within_delta

@@ -3,7 +3,6 @@ nothing else changes, the result is reproducible, and what COMMIT writes is what
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -18,30 +17,9 @@ from qpacknet.pipeline import MODEL_FILE
 from qpacknet.quantize import dequantize, kmeans_1d
 from qpacknet.scenarios.digits import PermutedDigits
 from qpacknet.train import logits_of
-from qpacknet.worker import CandidateWorker, TaskContext
-from tests.conftest import tiny_config
-from tests.helpers import all_available, learn_checking_old_logits, local_pipeline
+from tests.helpers import learn_checking_old_logits, local_pipeline, trained_digits_worker
 
-
-@functools.cache
-def _trained_once() -> tuple[CandidateWorker, PermutedDigits]:
-    stream = PermutedDigits(num_tasks=1, seed=3)
-    cfg = tiny_config(quantize={"criterion": "accuracy", "delta": 0.5})
-    specs = build(cfg.net, stream.input_shape, stream.num_classes, 1).layer_specs
-    ctx = TaskContext(cfg, 0, stream.input_shape, stream.num_classes, all_available(specs))
-    worker = CandidateWorker(ctx, *stream.fit_splits(0))
-    drive(worker.search([0, 1]), None)
-    drive(worker.train(1), None)
-    return worker, stream
-
-
-def _trained(**quantize: object) -> tuple[CandidateWorker, PermutedDigits]:
-    """The same trained winner for every test (QUANTIZE reads the config only when it runs),
-    with ``quantize`` settings on top of the paper's test."""
-    worker, stream = _trained_once()
-    base = worker.ctx.config
-    worker.cfg = base.model_copy(update={"quantize": base.quantize.model_copy(update=quantize)})
-    return worker, stream
+_trained = trained_digits_worker
 
 
 def _train_loss(net, weights, masks, state, split) -> float:
