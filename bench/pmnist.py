@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from qpacknet.config import load_config
 from qpacknet.executor import LocalExecutor
 from qpacknet.fileio import atomic_write_json
@@ -30,8 +32,12 @@ PAPER = {"acc": 97.1, "capacity_pct": 81.25, "bwt": 0.0}
 def run_arm(
     preset: str, overrides: list[str], data_dir: str | None, out: Path, quiet: bool
 ) -> tuple[dict[str, Any], Pipeline]:
-    """One whole run of ``preset`` with ``overrides`` (in-process executor, no tracking)."""
+    """One whole run of ``preset`` with ``overrides`` (in-process executor, no tracking).
+    ``threads`` is applied here as ``qpacknet run`` applies it; the hardware record then says
+    how many torch threads the run had."""
     cfg = load_config(preset=preset, overrides=overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     stream = build_stream(cfg.scenario, cfg.seed, data_dir, resolve_device(cfg.device))
     pipe = Pipeline(cfg, stream, LocalExecutor(), out, Progress(verbose=not quiet), preset=preset)
     return pipe.run(), pipe
@@ -116,6 +122,13 @@ def main() -> None:
             f"{res['capacity_pct'] / base['capacity_pct']:.4f}, bytes "
             f"{res['packed_bytes'] / base['packed_bytes']:.4f}"
         )
+    print("validation only (what a setting may be chosen by):")
+    for label, res in results:
+        floats = [t["float_acc"] for t in res["tasks"]]
+        print(
+            f"  {label.strip()}: val ACC {res['val_acc']:.2f}, float networks' val acc mean "
+            f"{sum(floats) / len(floats):.2f} (min {min(floats):.2f}, max {max(floats):.2f})"
+        )
     for label, res in results:
         tp = res["throughput"]
         print(
@@ -128,13 +141,15 @@ def main() -> None:
         )
 
     def summarise(label: str, res: dict[str, Any]) -> dict[str, Any]:
-        keys = ("acc", "bwt", "capacity_pct", "heads_pct", "shared_pct", "packed_bytes")
+        keys = ("acc", "val_acc", "bwt", "capacity_pct", "heads_pct", "shared_pct")
+        keys += ("packed_bytes",)
         keys += ("task_inference_acc", "class_incremental_acc", "seconds_total", "throughput")
         return {
             "label": label.strip(),
             **{k: res[k] for k in keys},
             "bits": [t["bit_width"] for t in res["tasks"]],
             "bit_widths": [t.get("bit_widths") for t in res["tasks"]],
+            "float_val_acc": [t["float_acc"] for t in res["tasks"]],
         }
 
     summary = {

@@ -190,6 +190,14 @@ class QuantizeConfig(_Strict):
         "loss_tolerance nats above the float network's, with agreement also at least "
         "min_agreement % of validation inputs keeping the float network's predicted class",
     )
+    delta_se: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description="widen delta to this many standard errors of the paired validation-accuracy "
+        "difference (McNemar) where that is more: a drop the validation set cannot tell from "
+        "chance passes; 0: delta alone (the paper)",
+    )
     loss_tolerance: float = Field(
         0.01,
         ge=0.0,

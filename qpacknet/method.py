@@ -184,11 +184,11 @@ class QuantizedTask:
     ``within_delta``: ``criterion`` accepted ``bit_width`` (False: no width was accepted and
     ``b_max`` was used). ``layer_bits`` is the width per layer (``bit_width``, the widest, for
     every layer unless ``quantize.per_layer`` lowered some). ``tried`` holds ``(widest bits,
-    val acc, val loss, agreement)`` per assignment tried and ``tried_widths`` its per-layer
-    widths; ``float_*``, ``quant_*`` and ``agreement`` are the float network's and the chosen
-    width's validation figures. ``float_test_acc`` is the float network's test accuracy, for
-    reports only. None of these is part of the digest (``parts_digest``): COMMIT checks what it
-    writes, not what was measured.
+    val acc, val loss, agreement, allowed acc drop)`` per assignment tried and
+    ``tried_widths`` its per-layer widths; ``float_*``, ``quant_*`` and ``agreement`` are the
+    float network's and the chosen width's validation figures. ``float_test_acc`` is the float
+    network's test accuracy, for reports only. None of these is part of the digest
+    (``parts_digest``): COMMIT checks what it writes, not what was measured.
     """
 
     candidate: int
@@ -200,7 +200,7 @@ class QuantizedTask:
     float_acc: float
     quant_acc: float
     within_delta: bool
-    tried: list[tuple[int, float, float, float]] = field(default_factory=list)
+    tried: list[tuple[int, float, float, float, float]] = field(default_factory=list)
     shared: Masks | None = None
     digest: str = ""
     criterion: str = "accuracy"
@@ -280,7 +280,7 @@ def quantize_winner(
 
         tune = tune_split
 
-    criterion = Criterion(q.criterion, q.delta, q.loss_tolerance, q.min_agreement)
+    criterion = Criterion(q.criterion, q.delta, q.loss_tolerance, q.min_agreement, q.delta_se)
     steps = bit_width_steps(
         weights,
         masks,
@@ -311,7 +311,7 @@ def quantize_winner(
         float_acc=res.float_acc,
         quant_acc=res.quant_acc,
         within_delta=res.within_delta,
-        tried=[(b, f.acc, f.loss, f.agreement) for b, f in res.tried],
+        tried=[(b, f.acc, f.loss, f.agreement, criterion.allowed_drop(f)) for b, f in res.tried],
         tried_widths=res.tried_widths,
         layer_bits=_layer_bits(res.widths),
         finetune_epochs=q.finetune_epochs,

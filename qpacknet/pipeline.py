@@ -99,8 +99,14 @@ def _bits_tried(q: QuantizedTask) -> list[dict[str, Any]]:
     its ``widths``."""
     rows: list[dict[str, Any]] = []
     widths = q.tried_widths or [{} for _ in q.tried]
-    for (b, a, loss, agree), w in zip(q.tried, widths, strict=True):
-        row: dict[str, Any] = {"bits": b, "acc": a, "loss": loss, "agreement": agree}
+    for (b, a, loss, agree, drop), w in zip(q.tried, widths, strict=True):
+        row: dict[str, Any] = {
+            "bits": b,
+            "acc": a,
+            "loss": loss,
+            "agreement": agree,
+            "allowed_drop": drop,
+        }
         if len(set(w.values())) > 1:
             row["widths"] = dict(w)
         rows.append(row)

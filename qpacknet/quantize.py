@@ -8,6 +8,7 @@ tensor's device and needs no scikit-learn call per layer and bit-width.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -91,11 +92,22 @@ class ValFigures:
 
     ``acc`` is accuracy (%), ``loss`` the mean cross-entropy (nats), ``agreement`` the share
     (%) of inputs whose predicted class equals the float network's (100 for the float one).
+    ``discordant`` counts the inputs that exactly one of this network and the float one
+    answers right, out of ``n``: the paired comparison's standard error (:attr:`paired_se`).
     """
 
     acc: float
     loss: float
     agreement: float
+    discordant: int = 0
+    n: int = 0
+
+    @property
+    def paired_se(self) -> float:
+        """Standard error (points) of the accuracy difference to the float network on these
+        same inputs, ``100·sqrt(n01 + n10)/n`` (McNemar's paired test): how far apart two
+        equally good networks' validation accuracies fall by chance. 0 without a count."""
+        return 100.0 * math.sqrt(self.discordant) / self.n if self.n else 0.0
 
 
 def val_figures(logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor) -> ValFigures:
@@ -104,10 +116,12 @@ def val_figures(logits: torch.Tensor, labels: torch.Tensor, reference: torch.Ten
     computes it (an integer count over ``N``), so the paper's criterion sees the same figure."""
     n = max(int(labels.numel()), 1)
     pred = logits.argmax(-1)
-    correct = int((pred == labels).sum())
+    right = pred == labels
+    correct = int(right.sum())
     agree = int((pred == reference).sum())
+    discordant = int((right != (reference == labels)).sum())
     loss = float(F.cross_entropy(logits.to(torch.float64), labels)) if labels.numel() else 0.0
-    return ValFigures(100.0 * correct / n, loss, 100.0 * agree / n)
+    return ValFigures(100.0 * correct / n, loss, 100.0 * agree / n, discordant, int(labels.numel()))
 
 
 CriterionName = Literal["accuracy", "loss", "agreement"]
@@ -128,16 +142,26 @@ class Criterion:
     ``agreement``: at least ``min_agreement`` % of the validation inputs keep the float
     network's predicted class (flips that cancel out in accuracy count here);
     ``accuracy``: nothing more (the paper).
+
+    ``delta_se`` widens δ to that many standard errors of the paired accuracy difference
+    (:attr:`ValFigures.paired_se`) where that is more: a drop the validation set cannot tell
+    from chance then passes, one it can still fails (0: the paper's fixed δ alone).
     """
 
     name: CriterionName = "accuracy"
     delta: float = 1.0
     loss_tolerance: float = 0.01
     min_agreement: float = 99.0
+    delta_se: float = 0.0
+
+    def allowed_drop(self, quant: ValFigures) -> float:
+        """The validation-accuracy drop (points) Algorithm 3 allows ``quant``:
+        ``max(δ, delta_se · paired SE)``."""
+        return max(self.delta, self.delta_se * quant.paired_se)
 
     def accepts(self, ref: ValFigures, quant: ValFigures) -> bool:
         """Whether ``quant`` keeps enough of ``ref`` to stop the search at this width."""
-        if quant.acc < ref.acc - self.delta:
+        if quant.acc < ref.acc - self.allowed_drop(quant):
             return False
         if self.name == "loss":
             return quant.loss <= ref.loss + self.loss_tolerance
@@ -148,10 +172,14 @@ class Criterion:
     def describe(self, ref: ValFigures, quant: ValFigures) -> str:
         """The judged figure for progress lines, e.g. ``val loss 0.0831, float 0.0512``."""
         if self.name == "accuracy":
-            return f"float val acc {ref.acc:.2f}"
-        if self.name == "loss":
-            return f"val loss {quant.loss:.4f}, float {ref.loss:.4f}"
-        return f"agreement {quant.agreement:.2f}%, min {self.min_agreement:.2f}"
+            text = f"float val acc {ref.acc:.2f}"
+        elif self.name == "loss":
+            text = f"val loss {quant.loss:.4f}, float {ref.loss:.4f}"
+        else:
+            text = f"agreement {quant.agreement:.2f}%, min {self.min_agreement:.2f}"
+        if self.delta_se:
+            text += f", allowed drop {self.allowed_drop(quant):.2f}"
+        return text
 
 
 Widths = dict[str, int]

@@ -46,6 +46,30 @@ def test_val_figures_on_hand_computed_logits() -> None:
     assert fig.agreement == 100.0 / 3
     expected = (2 * math.log1p(math.exp(-2.0)) + math.log1p(math.exp(1.0))) / 3
     assert fig.loss == pytest.approx(expected, abs=1e-12)
+    # the float network's classes (reference) are all wrong; this one is right on inputs 0, 1
+    assert (fig.discordant, fig.n) == (2, 3)
+    assert fig.paired_se == pytest.approx(100.0 * math.sqrt(2) / 3)
+
+
+def test_delta_se_passes_a_drop_within_chance_and_refuses_a_measurable_one() -> None:
+    """``delta_se`` widens δ to k paired standard errors: 6000 validation inputs, 0.3 point
+    lost. With 100 inputs changing sides the SE is 0.167 point, so 2 SE (0.33) let the drop
+    through; with 18 (all of them losses) it is 0.071 point and 2 SE (0.14) refuse it, as δ
+    alone (0.1) does."""
+    ref = ValFigures(97.0, 0.1, 100.0, 0, 6000)
+    noisy = ValFigures(96.7, 0.1, 99.0, 100, 6000)
+    clear = ValFigures(96.7, 0.1, 99.7, 18, 6000)
+    paper = Criterion("loss", delta=0.1)
+    widened = Criterion("loss", delta=0.1, delta_se=2.0)
+    assert noisy.paired_se == pytest.approx(100.0 * 10 / 6000)
+    assert not paper.accepts(ref, noisy) and widened.accepts(ref, noisy)
+    assert not widened.accepts(ref, clear)
+    assert widened.allowed_drop(clear) == pytest.approx(2 * 100.0 * math.sqrt(18) / 6000)
+    assert widened.allowed_drop(ValFigures(97.0, 0.1, 100.0, 1, 6000)) == 0.1  # never below δ
+    assert "allowed drop 0.33" in widened.describe(ref, noisy)
+    assert "allowed drop" not in paper.describe(ref, noisy)
+    worse_loss = ValFigures(96.7, 0.2, 99.0, 100, 6000)
+    assert not widened.accepts(ref, worse_loss), "the loss test still applies"
 
 
 def test_one_bit_matches_float_accuracy_by_luck_and_the_loss_criterion_refuses_it() -> None:
@@ -98,11 +122,12 @@ def test_quantize_settings_default_and_bounds(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     q = QuantizeConfig()
-    assert (q.criterion, q.loss_tolerance, q.min_agreement) == ("loss", 0.01, 99.0)
+    assert (q.criterion, q.loss_tolerance, q.min_agreement, q.delta_se) == ("loss", 0.01, 99.0, 0)
     for args, needle in (
         (["quantize.criterion=bayes"], "quantize.criterion"),
         (["quantize.loss_tolerance=-0.1"], "quantize.loss_tolerance"),
         (["quantize.min_agreement=101"], "quantize.min_agreement"),
+        (["quantize.delta_se=-1"], "quantize.delta_se"),
     ):
         code = main(["run", "--preset", "digits", "--out", str(tmp_path / "o"), "--set", *args])
         assert code == 2 and needle in capsys.readouterr().err
@@ -134,7 +159,7 @@ def test_paper_criterion_reproduces_algorithm_3_on_a_trained_network() -> None:
     float_test = evaluate(worker.single, test, 8192)[0]
     q = drive(worker.quantize(test), None)
     assert q.criterion == "accuracy" and q.float_acc == worker.float_acc
-    assert [(b, a) for b, a, _, _ in q.tried] == expected
+    assert [(b, a) for b, a, *_ in q.tried] == expected
     assert (q.bit_width, q.quant_acc) == expected[-1]
     assert q.float_test_acc == float_test != q.float_acc
 
@@ -148,8 +173,23 @@ def test_loss_criterion_on_a_trained_network_spends_no_fewer_bits() -> None:
     q = drive(worker.quantize(stream.test_split(0)), None)
     assert q.bit_width >= paper.bit_width
     assert q.quant_loss <= q.float_loss + 0.01 and q.within_delta
-    for _, acc, loss, _ in q.tried[:-1]:
+    for _, acc, loss, *_ in q.tried[:-1]:
         assert loss > q.float_loss + 0.01 or acc < q.float_acc - 0.5
+
+
+def test_delta_se_reaches_algorithm_3_and_spends_no_more_bits() -> None:
+    """``quantize.delta_se`` from the config is the criterion QUANTIZE applies: every width
+    tried reports ``max(δ, k·SE)`` as its allowed drop, computed from that width's own
+    validation answers, and a wider allowance never accepts a wider width."""
+    worker, stream = trained_digits_worker(criterion="accuracy")
+    paper = drive(worker.quantize(stream.test_split(0)), None)
+    worker, stream = trained_digits_worker(criterion="accuracy", delta_se=2.0)
+    q = drive(worker.quantize(stream.test_split(0)), None)
+    assert q.bit_width <= paper.bit_width
+    assert [d for *_, d in paper.tried] == [0.5] * len(paper.tried)
+    drops = [d for *_, d in q.tried]
+    assert all(d >= 0.5 for d in drops) and drops[0] > 0.5  # 1 bit: many answers change
+    assert q.quant_acc >= q.float_acc - drops[-1]
 
 
 def test_results_json_reports_float_and_quantised_test_accuracy(tmp_path: Path) -> None:
@@ -171,5 +211,6 @@ def test_results_json_reports_float_and_quantised_test_accuracy(tmp_path: Path) 
             "acc": rep["quant_acc"],
             "loss": rep["quant_loss"],
             "agreement": rep["agreement"],
+            "allowed_drop": 1.0,  # δ; delta_se is off
         }
         assert rep["quant_loss"] <= rep["float_loss"] + 0.01 or not rep["within_delta"]
