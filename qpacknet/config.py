@@ -160,6 +160,13 @@ class TrainConfig(_Strict):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="training targets: 1 - eps on the label, eps spread over the classes "
+        "(validation figures always use the plain labels)",
+    )
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(8192, ge=1)
     allow_tf32: bool = Field(

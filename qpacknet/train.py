@@ -100,10 +100,15 @@ def outputs_of(
     return torch.cat(logits, 1), torch.cat(features, 1)
 
 
-def population_loss(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over candidates of each one's mean cross-entropy, plus the per-candidate losses."""
+def population_loss(
+    logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over candidates of each one's mean cross-entropy (against labels smoothed by
+    ``label_smoothing``, Szegedy et al. 2016), plus the per-candidate losses."""
     k, b, c = logits.shape
-    per = F.cross_entropy(logits.reshape(k * b, c), y.repeat(k), reduction="none")
+    per = F.cross_entropy(
+        logits.reshape(k * b, c), y.repeat(k), reduction="none", label_smoothing=label_smoothing
+    )
     per_cand = per.reshape(k, b).mean(dim=1)
     return per_cand.sum(), per_cand.detach()
 
@@ -184,7 +189,7 @@ def fit_epochs(
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             logits = net(train.inputs(idx))
-            loss, per_cand = population_loss(logits, train.y[idx])
+            loss, per_cand = population_loss(logits, train.y[idx], cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
