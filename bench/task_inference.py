@@ -21,6 +21,7 @@ Streams:
 
     python bench/task_inference.py [--streams digits pairs pmnist-quick]
         [--data-dir ../shared/data] [--json bench/results/task_inference-cpu.json]
+        [--set inference.feature_covariance=diagonal ...]   # more overrides, every stream
 """
 
 from __future__ import annotations
@@ -57,12 +58,14 @@ def stream_args(name: str, work: Path, data_dir: str) -> list[str]:
     return ["--preset", "digits", "--set", "scenario.name=npz", "--set", f"scenario.path={root}"]
 
 
-def run_one(name: str, out: Path, args: list[str]) -> dict[str, Any]:
-    """One run of the real entry point; its results.json."""
+def run_one(name: str, out: Path, args: list[str], sets: list[str]) -> dict[str, Any]:
+    """One run of the real entry point with the overrides ``sets``; its results.json."""
     from qpacknet.cli import main as qpacknet_main
 
     argv = ["run", *args, "--executor", "local", "--no-tracking", "--quiet"]
     argv += ["--out", str(out), "--set", "threads=1"]
+    for item in sets:
+        argv += ["--set", item]
     if name == "pairs":
         argv += ["--set", f"scenario.num_tasks={len(PAIRS)}"]
     with contextlib.redirect_stdout(io.StringIO()):
@@ -132,6 +135,9 @@ def main() -> None:
     parser.add_argument("--streams", nargs="+", choices=STREAMS, default=list(STREAMS))
     parser.add_argument("--data-dir", default=str(BENCH.parent.parent / "shared" / "data"))
     parser.add_argument("--json", type=Path, default=BENCH / "results" / "task_inference-cpu.json")
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], help="more overrides, every stream"
+    )
     args = parser.parse_args()
     from qpacknet.pipeline import hardware
 
@@ -142,7 +148,7 @@ def main() -> None:
         work = Path(tmp)
         for name in args.streams:
             out = work / name
-            results = run_one(name, out, stream_args(name, work, args.data_dir))
+            results = run_one(name, out, stream_args(name, work, args.data_dir), args.sets)
             rows.append(summarise(name, results, sizes(out)))
             print(f"{name}: done in {results['seconds_total']:.0f} s", file=sys.stderr)
     text = table(rows)
@@ -152,6 +158,7 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "task_inference",
+        "overrides": args.sets,
         "streams": rows,
         "table": text,
         "seconds": seconds,

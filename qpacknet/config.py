@@ -326,6 +326,11 @@ class InferenceConfig(_Strict):
         description="per-task recognition statistics kept in the model file (feature: "
         "4*(C*D + D*(D+1)/2) bytes per task, large for wide backbones; [] keeps none)",
     )
+    feature_covariance: Literal["full", "diagonal"] = Field(
+        "full",
+        description="the feature statistics' pooled covariance: full (4*D*(D+1)/2 bytes per "
+        "task) or diagonal (4*D bytes; recognises less well where features correlate)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> InferenceConfig:

@@ -77,6 +77,9 @@ def hardware(device: str) -> dict[str, Any]:
     return info
 
 
+LARGE_STATS_BYTES = 1_000_000  # per task; above, COMMIT says what the statistics cost
+
+
 def _quantize_summary(q: QuantizedTask) -> str:
     """QUANTIZE's progress line: the width, the validation figures it was judged on, and the
     drop when no width met the criterion (Algorithm 3 then falls back to ``b_max``)."""
@@ -175,6 +178,7 @@ class Pipeline:
         self._log = _TaskLog()
         self._begun = False
         self._forced_share = False
+        self._said_stats_size = False
         self.matrix = AccuracyMatrix()
         self.val_matrix = AccuracyMatrix()
         self._last_val_row: list[float] | None = None
@@ -732,8 +736,22 @@ class Pipeline:
             if set(kinds) <= recognise.kinds_of(self.store.recognition_stats(task)):
                 continue
             train, _ = self.stream.fit_splits(task)
-            stats = recognise.task_statistics(model, task, train, kinds)
+            covariance = self.config.inference.feature_covariance
+            stats = recognise.task_statistics(model, task, train, kinds, covariance)
             self.store.set_recognition_stats(task, stats)
+            size = recognise.stats_bytes(stats)
+            full = covariance == "full" and "feature.means" in stats
+            if full and size > LARGE_STATS_BYTES and not self._said_stats_size:
+                self._said_stats_size = True
+                d = stats["feature.means"].shape[1]
+                self.progress.line(
+                    f"task {task + 1}: its recognition statistics add {size / 1e6:.1f} MB to "
+                    f"the model file (the full covariance of {d} features; every task adds as "
+                    f"much); inference.feature_covariance=diagonal keeps "
+                    f"{(size - 4 * d * (d + 1) // 2 + 4 * d) / 1e6:.2f} MB a task and "
+                    "inference.statistics=[input] none of the feature part, both recognising "
+                    "tasks less well (README: Task inference without task ids)"
+                )
 
     def _results(self, seconds_total: float) -> dict[str, Any]:
         cap = capacity(self.store)

@@ -41,8 +41,12 @@ dimensions and ``C_t`` classes in the task's training split, all float32::
     input:   2 * P * 4 bytes                  (mean, var; MLP 784-100-100: 6,272 bytes)
     feature: (C_t * D + D * (D + 1) / 2) * 4  (class means, the lower-triangular whitening
              factor; MLP 784-100-100 with 10 classes: 24,200 bytes)
+    feature, diagonal covariance: (C_t * D + D) * 4  (class means, one scale per dimension)
 
-plus the header's few bytes per tensor (name, shape, checksum).
+plus the header's few bytes per tensor (name, shape, checksum). The full covariance grows with
+``D²`` (AlexNet's 2048 features: about 8.4 MB a task); ``covariance="diagonal"`` keeps the
+pooled covariance's diagonal alone (``feature.whiten`` then holds ``D`` values), which
+recognises less well where features are correlated (README, "Task inference").
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 
@@ -94,19 +98,31 @@ class Recognition(NamedTuple):
 # ---- statistics at COMMIT --------------------------------------------------------------------
 
 
+Covariance = Literal["full", "diagonal"]
+
+
+def stats_bytes(stats: dict[str, torch.Tensor]) -> int:
+    """The tensor bytes a task's statistics add to the model file (without header entries)."""
+    return sum(v.numel() * v.element_size() for v in stats.values())
+
+
 def _chunks(n: int, size: int) -> Iterator[slice]:
     return (slice(i, i + size) for i in range(0, n, size))
 
 
 @torch.no_grad()
 def task_statistics(
-    model: PackedModel, task: int, train: Split, kinds: tuple[str, ...] = KINDS
+    model: PackedModel,
+    task: int,
+    train: Split,
+    kinds: tuple[str, ...] = KINDS,
+    covariance: Covariance = "full",
 ) -> dict[str, torch.Tensor]:
     """Task ``task``'s recognition statistics from its training split ``train`` (network inputs
     as the task prepares them): ``input.mean``/``input.var`` ``[P]`` and ``feature.means``
-    ``[C_t, D]`` / ``feature.whiten`` ``[D(D+1)/2]``, float32 (module docstring). Sums are
-    taken in float64 on the CPU over fixed chunks, so the result does not depend on the device
-    batch composition."""
+    ``[C_t, D]`` / ``feature.whiten`` ``[D(D+1)/2]`` (``[D]`` with a diagonal ``covariance``),
+    float32 (module docstring). Sums are taken in float64 on the CPU
+    over fixed chunks, so the result does not depend on the device batch composition."""
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ValueError(f"unknown recognition statistics {unknown} (known: {', '.join(KINDS)})")
@@ -145,13 +161,16 @@ def task_statistics(
         cov = (cov + cov.t()) / 2
         d = cov.shape[0]
         ridge = FEATURE_SHRINK * max(float(cov.diagonal().mean()), 0.0) + _TINY
-        lower = torch.linalg.cholesky(cov + ridge * torch.eye(d, dtype=torch.float64))
-        whiten = torch.linalg.solve_triangular(
-            lower, torch.eye(d, dtype=torch.float64), upper=False
-        )
-        rows_, cols = torch.tril_indices(d, d)
         out["feature.means"] = means.float()
-        out["feature.whiten"] = whiten[rows_, cols].float()
+        if covariance == "diagonal":
+            out["feature.whiten"] = (cov.diagonal().clamp_min(0.0) + ridge).rsqrt().float()
+        else:
+            lower = torch.linalg.cholesky(cov + ridge * torch.eye(d, dtype=torch.float64))
+            whiten = torch.linalg.solve_triangular(
+                lower, torch.eye(d, dtype=torch.float64), upper=False
+            )
+            rows_, cols = torch.tril_indices(d, d)
+            out["feature.whiten"] = whiten[rows_, cols].float()
     return out
 
 
@@ -184,8 +203,11 @@ def check_stats(stats: dict[str, torch.Tensor]) -> str | None:
         if means.dim() != 2 or whiten.dim() != 1:
             return "feature.means must be [C, D] and feature.whiten a vector"
         d = means.shape[1]
-        if whiten.numel() != d * (d + 1) // 2:
-            return f"feature.whiten holds {whiten.numel()} values, {d * (d + 1) // 2} expected"
+        if whiten.numel() not in (d, d * (d + 1) // 2):
+            return (
+                f"feature.whiten holds {whiten.numel()} values, {d * (d + 1) // 2} (full "
+                f"covariance) or {d} (diagonal) expected"
+            )
     return None
 
 
@@ -215,11 +237,16 @@ def feature_score(stats: dict[str, torch.Tensor], features: torch.Tensor) -> tor
     dimension, negated (float64, CPU, ``[N]``)."""
     means = stats["feature.means"].double()
     d = means.shape[1]
-    whiten = torch.zeros(d, d, dtype=torch.float64)
-    rows, cols = torch.tril_indices(d, d)
-    whiten[rows, cols] = stats["feature.whiten"].double()
-    g = features.to("cpu", torch.float64) @ whiten.t()
-    m = means @ whiten.t()
+    packed = stats["feature.whiten"].double()
+    if packed.numel() == d:  # diagonal covariance (for d = 1 both forms are the same)
+        g = features.to("cpu", torch.float64) * packed
+        m = means * packed
+    else:
+        whiten = torch.zeros(d, d, dtype=torch.float64)
+        rows, cols = torch.tril_indices(d, d)
+        whiten[rows, cols] = packed
+        g = features.to("cpu", torch.float64) @ whiten.t()
+        m = means @ whiten.t()
     out = []
     for part in _chunks(len(g), 1024):
         diff = g[part].unsqueeze(1) - m.unsqueeze(0)

@@ -287,3 +287,77 @@ def test_image_figures_are_those_of_predict_on_raw_images(tmp_path: Path) -> Non
             found = recognise.infer_tasks(model, inputs, method)
             right += 100.0 * int((found.task == j).sum()) / len(split) / 2
         assert figures["task_inference_acc"] == pytest.approx(right, abs=1e-9), method
+
+
+def test_a_diagonal_covariance_keeps_d_values_scores_by_definition_and_round_trips(
+    digits_run: dict, tmp_path: Path
+) -> None:
+    """``inference.feature_covariance=diagonal``: the feature statistics keep one scale per
+    dimension, ``1/sqrt(pooled within-class variance + ridge)``
+    computed here independently; the score is the diagonal Mahalanobis distance; the file
+    round-trips them bit for bit; a whitening of another length is refused."""
+    assert InferenceConfig().feature_covariance == "full"
+    model = PackedModel.load(digits_run["out"] / MODEL_FILE)
+    train = digits_run["stream"].fit_splits(1)[0]
+    diag = recognise.task_statistics(model, 1, train, covariance="diagonal")
+    full = recognise.task_statistics(model, 1, train, covariance="full")
+    assert torch.equal(diag["feature.means"], full["feature.means"])
+    assert torch.equal(diag["input.var"], full["input.var"])
+    with torch.no_grad():
+        f = model.net(1).features(train.inputs(slice(0, len(train))))[0].double()
+    y = train.y
+    means = torch.stack([f[y == c].mean(0) for c in sorted(set(y.tolist()))])
+    centred = f - means[torch.searchsorted(torch.tensor(sorted(set(y.tolist()))), y)]
+    var = (centred * centred).mean(0)
+    scale = (var + 0.1 * var.mean() + 1e-12).rsqrt()
+    assert diag["feature.whiten"].shape == (f.shape[1],)
+    assert torch.allclose(diag["feature.whiten"].double(), scale, rtol=1e-5)
+
+    x = digits_run["stream"].test_split(1).x[:50]
+    with torch.no_grad():
+        g = model.net(1).features(x)[0].double()
+    w, m = diag["feature.whiten"].double(), diag["feature.means"].double()
+    by_hand = -(((g[:, None] - m[None]) * w) ** 2).sum(-1).min(1).values / g.shape[1]
+    assert torch.allclose(recognise.feature_score(diag, g), by_hand, atol=1e-9)
+    assert not torch.allclose(recognise.feature_score(full, g), by_hand, atol=1e-3)
+
+    store = load_store(digits_run["out"] / MODEL_FILE)
+    store.set_recognition_stats(1, diag)
+    again = tmp_path / "diagonal.safetensors"
+    save_store(store, again)
+    kept = load_store(again).recognition_stats(1)
+    assert kept is not None and all(torch.equal(kept[k], diag[k]) for k in diag)
+    with pytest.raises(Exception, match=r"holds 31 values, 528 \(full covariance\) or 32"):
+        store.set_recognition_stats(1, {**diag, "feature.whiten": diag["feature.whiten"][:31]})
+
+
+def test_commit_says_once_when_full_covariance_statistics_grow_large(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Statistics above ``LARGE_STATS_BYTES`` a task are said once per run, with their size and
+    the settings that shrink them; with the diagonal covariance nothing is said and the file
+    holds ``D`` whitening values a task."""
+    import io
+
+    from qpacknet import pipeline
+    from qpacknet.executor import LocalExecutor
+    from qpacknet.progress import Progress
+
+    monkeypatch.setattr(pipeline, "LARGE_STATS_BYTES", 1000)
+    stream = _stream()
+    said = {}
+    for covariance in ("full", "diagonal"):
+        text = io.StringIO()
+        cfg = tiny_config(**DIGITS, inference={"feature_covariance": covariance})
+        out = tmp_path / covariance
+        pipe = pipeline.Pipeline(cfg, stream, LocalExecutor(), out, Progress(text, verbose=False))
+        pipe.run()
+        said[covariance] = [line for line in text.getvalue().splitlines() if " MB to " in line]
+        whiten = load_store(out / MODEL_FILE).recognition_stats(2)
+        assert whiten is not None
+        assert whiten["feature.whiten"].numel() == (528 if covariance == "full" else 32)
+    full = recognise.stats_bytes(load_store(tmp_path / "full" / MODEL_FILE).recognition_stats(0))
+    assert len(said["full"]) == 1 and said["diagonal"] == []
+    assert f"task 1: its recognition statistics add {full / 1e6:.1f} MB" in said["full"][0]
+    assert "full covariance of 32 features" in said["full"][0]
+    assert "inference.feature_covariance=diagonal keeps 0.00 MB" in said["full"][0]
