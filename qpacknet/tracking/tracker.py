@@ -442,7 +442,7 @@ def learned_lineage(out_dir: Path) -> Lineage | None:
     state = load_checkpoint(out_dir)
     learned = state.get("learned_from") if state is not None else None
     if not learned:
-        return None
+        return None  # no checkpoint yet, or a run/add_task dir: no version to be the parent
     try:
         if not learned.get("version"):
             return None  # learned from runs:/…, which names no version to be the parent
