@@ -6,7 +6,12 @@ centroid is the sum of the gradients of the weights that share it, so the networ
 same number of distinct values (the same bits per weight) but they move to where the task's
 loss wants them. Run before Algorithm 3's acceptance test, it lets narrower widths pass.
 
-Only the centroids train: the task's head stays as TRAIN left it. By default
+By default only the centroids train and the task's head stays as TRAIN left it. With
+``quantize.finetune_head`` the task's own float tensors (the head, a conv net's normalisation
+affine parameters; never the running statistics) train with them: they are the task's private
+float32 parameters, stored outside the packed words and outside eq. 10's count, so letting
+them adapt to the quantised features costs no bit (Deep Compression §3 retrains every
+remaining float parameter with the shared weights). By default
 (``quantize.finetune_target: float``) they fit the float network's own softmax on the training
 inputs (KL divergence, a distillation from the network being quantised), not the labels: TRAIN
 already drove the training loss to about 0.002, so fitting the labels further mostly overfits.
@@ -52,7 +57,8 @@ def tune_codebooks(
     seed: int,
     task: int,
     targets: torch.Tensor | None = None,
-) -> dict[str, Codebook]:
+    head: bool = False,
+) -> tuple[dict[str, Codebook], dict[str, torch.Tensor]]:
     """Fine-tune ``books``' centroids (codes fixed) on ``train`` for ``epochs`` in slot 0 of
     ``net`` (a K=1 net holding the task's shared weights, if any), with the task tensors
     ``state`` (head, normalisation) fixed.
@@ -62,8 +68,12 @@ def tune_codebooks(
     quantised one's: the centroids then move to give back the float network's function instead
     of fitting the training labels further.
 
-    Returns the tuned codebooks (float32 centroids on the CPU, the same codes). ``net``'s slot
-    0 is left holding the tuned network.
+    With ``head``, the task's trainable tensors in ``state`` (the parameters among
+    ``net.task_param_names``) train too, from ``state``'s values, with the same optimiser.
+
+    Returns the tuned codebooks (float32 centroids on the CPU, the same codes) and the task
+    tensors (``state``'s values, on the CPU, with the trained ones replaced when ``head``).
+    ``net``'s slot 0 is left holding the tuned network.
     """
     device = next(net.parameters()).device
     dense, index, codes, centroids = {}, {}, {}, {}
@@ -77,7 +87,9 @@ def tune_codebooks(
         w.view(-1)[index[name]] = books[name].centroids.to(device)[codes[name]]
         dense[name] = w
     net.load_candidate(0, dense, masks, state)
-    opt = torch.optim.Adam(list(centroids.values()), lr=lr)
+    trained = [n for n in net.task_param_names if head and n.replace(".", "_") in net.task_params]
+    params = list(centroids.values()) + [net.task_params[n.replace(".", "_")] for n in trained]
+    opt = torch.optim.Adam(params, lr=lr)
     was_training = net.training
     net.eval()
     n = len(train)
@@ -111,7 +123,11 @@ def tune_codebooks(
                     theta[index[name]] = centroids[name][codes[name]]
     net.train(was_training)
     net.zero_grad(set_to_none=True)
-    return {
+    tuned = {
         name: Codebook(c.detach().to("cpu", torch.float32).contiguous(), books[name].codes)
         for name, c in centroids.items()
     }
+    task_state = {k: v.detach().cpu().clone() for k, v in state.items()}
+    for name in trained:
+        task_state[name] = net.task_param(name)[0].detach().to("cpu").clone()
+    return tuned, task_state

@@ -242,11 +242,22 @@ class QuantizeConfig(_Strict):
     finetune_lr: float = Field(
         1e-4, gt=0.0, le=1.0, description="Adam learning rate of codebook fine-tuning"
     )
+    finetune_head: bool = Field(
+        False,
+        description="codebook fine-tuning also trains the task's own float tensors (head, "
+        "normalisation affine) with the centroids, so that they adapt to the quantised "
+        "features; they are the task's private float32 parameters, so no bit is added",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> QuantizeConfig:
         if self.psi_min > self.b_max:
             raise ValueError(f"psi_min ({self.psi_min}) must not exceed b_max ({self.b_max})")
+        if self.finetune_head and not self.finetune_epochs:
+            raise ValueError(
+                "finetune_head trains the task's head during codebook fine-tuning, which is "
+                "off: set quantize.finetune_epochs to 1 or more, or finetune_head to false"
+            )
         return self
 
 

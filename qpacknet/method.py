@@ -211,6 +211,7 @@ class QuantizedTask:
     layer_bits: dict[str, int] = field(default_factory=dict)
     tried_widths: list[dict[str, int]] = field(default_factory=list)
     finetune_epochs: int = 0
+    finetune_head: bool = False
 
     @property
     def widths(self) -> dict[str, int]:
@@ -252,8 +253,13 @@ def quantize_winner(
     reference = dataclasses.replace(val_figures(logits, val.y, float_pred), acc=q_float)
     q = cfg.quantize
 
+    # With finetune_head each tuned codebook set has its own head: ``judging`` is the one the
+    # next ``figures`` call judges, ``heads`` maps each set (by identity) to its head.
+    judging = state
+    heads: list[tuple[dict[str, Codebook], dict[str, torch.Tensor]]] = []
+
     def figures(dense: Masks) -> ValFigures:
-        probe.load_candidate(0, dense, masks, state)
+        probe.load_candidate(0, dense, masks, judging)
         return val_figures(logits_of(probe, val, batch)[0], val.y, float_pred)
 
     tune: Tune | None = None
@@ -264,7 +270,8 @@ def quantize_winner(
         targets = logits_of(single, split, batch)[0] if q.finetune_target == "float" else None
 
         def tune_split(books: dict[str, Codebook]) -> dict[str, Codebook]:
-            return tune_codebooks(
+            nonlocal judging
+            tuned, judging = tune_codebooks(
                 probe,
                 books,
                 masks,
@@ -276,7 +283,10 @@ def quantize_winner(
                 seed=cfg.seed,
                 task=task,
                 targets=targets,
+                head=q.finetune_head,
             )
+            heads.append((tuned, judging))
+            return tuned
 
         tune = tune_split
 
@@ -301,13 +311,14 @@ def quantize_winner(
             break
         yield describe_widths(widths), fig, criterion.describe(reference, fig)
     shared = single.shared_mask(0)
+    committed = next((h for books, h in heads if books is res.codebooks), state)
     result = QuantizedTask(
         candidate=candidate,
         bit_width=res.bits,
         masks={k: v.cpu() for k, v in masks.items()},
         codes={k: b.codes.cpu() for k, b in res.codebooks.items()},
         codebooks={k: b.centroids.cpu() for k, b in res.codebooks.items()},
-        task_state={k: v.cpu() for k, v in state.items()},
+        task_state={k: v.cpu() for k, v in committed.items()},
         float_acc=res.float_acc,
         quant_acc=res.quant_acc,
         within_delta=res.within_delta,
@@ -315,6 +326,7 @@ def quantize_winner(
         tried_widths=res.tried_widths,
         layer_bits=_layer_bits(res.widths),
         finetune_epochs=q.finetune_epochs,
+        finetune_head=q.finetune_head,
         shared=None if shared is None else {k: v.cpu() for k, v in shared.items()},
         criterion=q.criterion,
         float_loss=res.reference.loss,

@@ -85,7 +85,8 @@ def _quantize_summary(q: QuantizedTask) -> str:
     drop when no width met the criterion (Algorithm 3 then falls back to ``b_max``)."""
     text = f"{describe_widths(q.widths)} bits, val acc {q.float_acc:.2f} -> {q.quant_acc:.2f}"
     if q.finetune_epochs:
-        text += f" (codebooks fine-tuned {q.finetune_epochs} epoch(s))"
+        head = " with the head" if q.finetune_head else ""
+        text += f" (codebooks fine-tuned {q.finetune_epochs} epoch(s){head})"
     if q.criterion == "loss":
         text += f", val loss {q.float_loss:.4f} -> {q.quant_loss:.4f}"
     elif q.criterion == "agreement":

@@ -176,7 +176,9 @@ class CandidateWorker:
         self._copy_sharing(self.single, 0, probe)
         batch = self.cfg.train.eval_batch_size
         float_test_acc = evaluate(self.single, test.to(self.device), batch)[0]
-        tuned = ", fine-tuned" if self.cfg.quantize.finetune_epochs else ""
+        q = self.cfg.quantize
+        tuned = ", fine-tuned" if q.finetune_epochs else ""
+        tuned += " with the head" if q.finetune_epochs and q.finetune_head else ""
         steps = quantize_winner(
             self.single,
             probe,
