@@ -14,8 +14,9 @@ emits, checkpoints and MLflow live elsewhere and call these functions.
    and keeps its best validation epoch; that accuracy is Algorithm 3's ``Q``.
 3. QUANTIZE (Algorithms 2-3): :func:`quantize_winner` tries ψ = ψ_min … b_max, each a 1-D
    k-means codebook per layer (Algorithm 2), and keeps the first width the criterion accepts;
-   optionally each width's codebooks are fine-tuned first and each layer then gets its own
-   width (issue 13: ``quantize.finetune_epochs``, ``quantize.per_layer``).
+   optionally each width's codebooks (and with them the task's head) are fine-tuned first and
+   each layer then gets its own width (issue 13: ``quantize.finetune_epochs``,
+   ``quantize.finetune_head``, ``quantize.per_layer``).
 4. COMMIT: :func:`commit` writes the codes into the next free bits of the words and proves,
    by digest, that the words hold exactly what QUANTIZE produced.
 """
